@@ -1,0 +1,184 @@
+//! The registry of FHIR interactions. A resource is declared once, with a handler per
+//! interaction; the registry derives both the routes (FHIR R4 http.html URL patterns) and the
+//! CapabilityStatement from that declaration, so the two cannot drift apart.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use actix_web::http::{header, Method};
+use actix_web::{web, FromRequest, Handler, HttpResponse, Responder, Route};
+
+use crate::http::ApiError;
+
+/// The type-level and instance-level interactions of FHIR R4 (CapabilityStatement
+/// `rest.resource.interaction.code`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Interaction {
+    Read,
+    Vread,
+    Update,
+    Patch,
+    Delete,
+    HistoryInstance,
+    HistoryType,
+    Create,
+    SearchType,
+}
+
+impl Interaction {
+    pub fn code(self) -> &'static str {
+        match self {
+            Interaction::Read => "read",
+            Interaction::Vread => "vread",
+            Interaction::Update => "update",
+            Interaction::Patch => "patch",
+            Interaction::Delete => "delete",
+            Interaction::HistoryInstance => "history-instance",
+            Interaction::HistoryType => "history-type",
+            Interaction::Create => "create",
+            Interaction::SearchType => "search-type",
+        }
+    }
+
+    /// Path suffixes (after `/{type}`) and methods that carry this interaction.
+    fn routes(self) -> &'static [(&'static str, Method)] {
+        match self {
+            Interaction::Read => &[("/{id}", Method::GET)],
+            Interaction::Vread => &[("/{id}/_history/{vid}", Method::GET)],
+            Interaction::Update => &[("/{id}", Method::PUT)],
+            Interaction::Patch => &[("/{id}", Method::PATCH)],
+            Interaction::Delete => &[("/{id}", Method::DELETE)],
+            Interaction::HistoryInstance => &[("/{id}/_history", Method::GET)],
+            Interaction::HistoryType => &[("/_history", Method::GET)],
+            Interaction::Create => &[("", Method::POST)],
+            // Search by GET, and by POST with a form body so PHI need not travel in URLs.
+            Interaction::SearchType => &[("", Method::GET), ("/_search", Method::POST)],
+        }
+    }
+}
+
+/// A search parameter a resource supports (name and FHIR search type, e.g. `token`, `date`).
+#[derive(Debug, Clone)]
+pub struct SearchParamDef {
+    pub name: &'static str,
+    pub kind: &'static str,
+    pub definition: Option<&'static str>,
+    pub documentation: Option<&'static str>,
+}
+
+type RouteFactory = Arc<dyn Fn() -> Route + Send + Sync>;
+
+/// One resource type and the handlers of the interactions it supports.
+#[derive(Clone)]
+pub struct ResourceDef {
+    pub(crate) resource_type: &'static str,
+    pub(crate) profile: Option<&'static str>,
+    pub(crate) interactions: Vec<(Interaction, RouteFactory)>,
+    pub(crate) search_params: Vec<SearchParamDef>,
+}
+
+impl ResourceDef {
+    pub fn new(resource_type: &'static str) -> Self {
+        Self {
+            resource_type,
+            profile: None,
+            interactions: Vec::new(),
+            search_params: Vec::new(),
+        }
+    }
+
+    pub fn profile(mut self, url: &'static str) -> Self {
+        self.profile = Some(url);
+        self
+    }
+
+    /// Serves `interaction` with `handler` (any actix handler).
+    pub fn interaction<F, Args>(mut self, interaction: Interaction, handler: F) -> Self
+    where
+        F: Handler<Args> + Send + Sync,
+        Args: FromRequest + 'static,
+        F::Output: Responder + 'static,
+    {
+        self.interactions.push((
+            interaction,
+            Arc::new(move || web::route().to(handler.clone())),
+        ));
+        self
+    }
+
+    pub fn search_param(mut self, param: SearchParamDef) -> Self {
+        self.search_params.push(param);
+        self
+    }
+
+    pub fn interactions(&self) -> impl Iterator<Item = Interaction> + '_ {
+        self.interactions.iter().map(|(i, _)| *i)
+    }
+}
+
+/// Everything served under the FHIR base.
+#[derive(Clone, Default)]
+pub struct FhirApi {
+    pub(crate) resources: Vec<ResourceDef>,
+}
+
+impl FhirApi {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn resource(mut self, def: ResourceDef) -> Self {
+        self.resources.push(def);
+        self
+    }
+
+    pub fn resources(&self) -> &[ResourceDef] {
+        &self.resources
+    }
+
+    /// Registers `metadata` and every declared interaction; each path answers other methods with
+    /// 405 and an `Allow` header.
+    pub fn configure(&self, cfg: &mut web::ServiceConfig) {
+        let mut by_path: BTreeMap<String, Vec<(Method, RouteFactory)>> = BTreeMap::new();
+        by_path.entry("/metadata".to_owned()).or_default().push((
+            Method::GET,
+            Arc::new(|| web::route().to(super::capability::metadata)),
+        ));
+        for def in &self.resources {
+            for (interaction, factory) in &def.interactions {
+                for (suffix, method) in interaction.routes() {
+                    by_path
+                        .entry(format!("/{}{}", def.resource_type, suffix))
+                        .or_default()
+                        .push((method.clone(), Arc::clone(factory)));
+                }
+            }
+        }
+        for (path, routes) in by_path {
+            let allow = routes
+                .iter()
+                .map(|(m, _)| m.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut resource = web::resource(path);
+            for (method, factory) in routes {
+                resource = resource.route(factory().method(method));
+            }
+            resource = resource.default_service(web::to(move |req: actix_web::HttpRequest| {
+                let allow = allow.clone();
+                async move { method_not_allowed(req.method(), &allow) }
+            }));
+            cfg.service(resource);
+        }
+    }
+}
+
+fn method_not_allowed(method: &Method, allow: &str) -> HttpResponse {
+    let mut res = actix_web::ResponseError::error_response(&ApiError::MethodNotAllowed(
+        crate::ops::metrics::method_label(method).to_owned(),
+    ));
+    if let Ok(value) = header::HeaderValue::from_str(allow) {
+        res.headers_mut().insert(header::ALLOW, value);
+    }
+    res
+}

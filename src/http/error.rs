@@ -1,0 +1,127 @@
+//! One error type for the HTTP edge. Every error becomes a FHIR OperationOutcome with the right
+//! status; diagnostics are fixed, PHI-free phrases (never an echo of a client's value or a
+//! database message).
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{HttpResponse, ResponseError};
+use fhir_sdk::r4b::codes::{IssueSeverity, IssueType};
+use fhir_sdk::r4b::resources::{OperationOutcome, OperationOutcomeIssue};
+
+use crate::store::StoreError;
+
+use super::respond::FHIR_JSON;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("method {0} is not allowed on this resource")]
+    MethodNotAllowed(String),
+    #[error("{0}")]
+    NotAcceptable(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Conflict(String),
+    /// The database or another dependency is down or saturated; the client may retry.
+    #[error("the service is temporarily unavailable; retry later")]
+    Unavailable,
+    /// A fault of ours. The cause is logged (without PHI), the client sees only this phrase.
+    #[error("internal error")]
+    Internal,
+}
+
+impl ApiError {
+    fn issue_type(&self) -> IssueType {
+        match self {
+            ApiError::NotFound(_) => IssueType::NotFound,
+            ApiError::MethodNotAllowed(_) | ApiError::NotAcceptable(_) => IssueType::NotSupported,
+            ApiError::BadRequest(_) => IssueType::Invalid,
+            ApiError::Conflict(_) => IssueType::Conflict,
+            ApiError::Unavailable => IssueType::Transient,
+            ApiError::Internal => IssueType::Exception,
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::NotFound => ApiError::NotFound("resource not found".into()),
+            StoreError::Conflict(what) => ApiError::Conflict(what.into()),
+            StoreError::Unavailable(cause) => {
+                tracing::warn!(%cause, "database unavailable");
+                ApiError::Unavailable
+            }
+            StoreError::Migration(cause) | StoreError::Database(cause) => {
+                tracing::error!(%cause, "database error");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+/// An OperationOutcome with one issue.
+pub fn operation_outcome(
+    severity: IssueSeverity,
+    code: IssueType,
+    diagnostics: impl Into<String>,
+) -> OperationOutcome {
+    let issue = OperationOutcomeIssue::builder()
+        .severity(severity)
+        .code(code)
+        .diagnostics(diagnostics.into())
+        .build()
+        .expect("severity and code are set");
+    OperationOutcome::builder()
+        .issue(vec![Some(issue)])
+        .build()
+        .expect("issue is set")
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let outcome = operation_outcome(IssueSeverity::Error, self.issue_type(), self.to_string());
+        let mut response = HttpResponse::build(self.status_code());
+        response.insert_header((header::CONTENT_TYPE, FHIR_JSON));
+        if matches!(self, ApiError::Unavailable) {
+            response.insert_header((header::RETRY_AFTER, "5"));
+        }
+        match serde_json::to_vec(&outcome) {
+            Ok(body) => response.body(body),
+            Err(_) => response.finish(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_error_becomes_a_500_without_its_message() {
+        let err = ApiError::from(StoreError::Database("value 'Smith' violates".into()));
+        assert_eq!(err.status_code(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(!err.to_string().contains("Smith"));
+    }
+
+    #[test]
+    fn an_unreachable_database_becomes_a_503_with_retry_after() {
+        let err = ApiError::from(StoreError::Unavailable("i/o".into()));
+        let res = err.error_response();
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(res.headers().contains_key(header::RETRY_AFTER));
+    }
+}

@@ -1,0 +1,15 @@
+//! fhirgate: a HIPAA-audited FHIR R4 integration gateway.
+//!
+//! Layout follows the architecture: `http` (edge: errors, middleware), `fhir` (the FHIR REST
+//! surface), `store` (one trait, SQLite and PostgreSQL), `ops` (health, readiness, metrics),
+//! `domain` (parsed types), `cli`, `config`, `telemetry`, `startup`.
+
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod fhir;
+pub mod http;
+pub mod ops;
+pub mod startup;
+pub mod store;
+pub mod telemetry;

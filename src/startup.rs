@@ -1,0 +1,153 @@
+//! Assembles the application in one place: store, migrations, metrics, routes, middleware and
+//! the listener. `main` and the tests both call [`Application::build`], so what is tested is
+//! what runs.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::{Server, ServerHandle};
+use actix_web::middleware::from_fn;
+use actix_web::{web, App, HttpServer};
+
+use crate::config::Settings;
+use crate::fhir::capability::{Capability, CapabilityError};
+use crate::fhir::{self, FhirApi};
+use crate::http::observe::observe;
+use crate::http::ApiError;
+use crate::ops::{self, Metrics};
+use crate::store::{self, PoolOptions, Store, StoreError};
+
+/// Shared state every handler can reach through `web::Data<AppState>`.
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub metrics: Metrics,
+    pub base_url: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Capability(#[from] CapabilityError),
+}
+
+pub struct Application {
+    addr: SocketAddr,
+    base_url: String,
+    server: Server,
+    store: Arc<dyn Store>,
+}
+
+/// The FHIR API as registered today. Later resources are added here.
+pub fn fhir_api() -> FhirApi {
+    FhirApi::new()
+}
+
+pub fn pool_options(settings: &Settings) -> PoolOptions {
+    PoolOptions {
+        max_connections: settings.database_max_connections,
+        acquire_timeout: Duration::from_secs(settings.database_acquire_timeout_secs),
+    }
+}
+
+impl Application {
+    /// Connects to the configured database, migrates it (unless `migrate_on_start = false`)
+    /// and binds the listener.
+    pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+        let store = store::connect(&settings.database_url, &pool_options(&settings)).await?;
+        if settings.migrate_on_start {
+            store.migrate().await?;
+        }
+        Self::build_with_store(settings, store)
+    }
+
+    pub fn build_with_store(
+        settings: Settings,
+        store: Arc<dyn Store>,
+    ) -> Result<Self, StartupError> {
+        let listener = TcpListener::bind(settings.listen).map_err(|source| StartupError::Bind {
+            addr: settings.listen,
+            source,
+        })?;
+        let addr = listener.local_addr().map_err(|source| StartupError::Bind {
+            addr: settings.listen,
+            source,
+        })?;
+        let base_url = settings.base_url(addr);
+        let api = fhir_api();
+        let capability = web::Data::new(Capability::build(&api, &base_url)?);
+        let state = web::Data::new(AppState {
+            store: Arc::clone(&store),
+            metrics: Metrics::new(),
+            base_url: base_url.clone(),
+        });
+
+        let mut server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .app_data(capability.clone())
+                .wrap(from_fn(observe))
+                .configure(ops::configure)
+                .configure(|cfg| fhir::configure(&api, cfg))
+                .default_service(web::to(not_found))
+        })
+        .shutdown_timeout(settings.shutdown_timeout_secs);
+        if settings.workers > 0 {
+            server = server.workers(settings.workers);
+        }
+        let server = server
+            .listen(listener)
+            .map_err(|source| StartupError::Bind {
+                addr: settings.listen,
+                source,
+            })?
+            .run();
+        Ok(Self {
+            addr,
+            base_url,
+            server,
+            store,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// A handle to stop the server gracefully (as SIGTERM does).
+    pub fn handle(&self) -> ServerHandle {
+        self.server.handle()
+    }
+
+    pub fn store(&self) -> Arc<dyn Store> {
+        Arc::clone(&self.store)
+    }
+
+    /// Serves until SIGINT/SIGTERM (or [`ServerHandle::stop`]), lets in-flight requests finish
+    /// within `shutdown_timeout_secs`, then closes the database pool.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let result = self.server.await;
+        self.store.close().await;
+        tracing::info!("shutdown complete");
+        result
+    }
+}
+
+async fn not_found() -> Result<actix_web::HttpResponse, ApiError> {
+    Err(ApiError::NotFound("no route at this path".into()))
+}

@@ -1,0 +1,149 @@
+//! Storage behind one narrow trait, with one sqlx implementation per backend (SQLite for the
+//! embedded default, PostgreSQL for production), chosen from the database URL's scheme.
+//! Errors never carry row values (they may be PHI): only what kind of failure happened.
+
+mod migrations;
+mod postgres;
+mod sqlite;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::config::DatabaseUrl;
+use crate::domain::{NewPractice, Practice, ResourceId};
+
+pub use migrations::MigrationStatus;
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
+/// Connection pool figures for `/metrics`.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolStats {
+    pub size: u32,
+    pub idle: u32,
+    pub max: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("conflict: {0}")]
+    Conflict(&'static str),
+    /// The database cannot be reached or no connection was free in time: callers answer 503.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("migration failed: {0}")]
+    Migration(String),
+    #[error("database error: {0}")]
+    Database(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        match err {
+            sqlx::Error::RowNotFound => StoreError::NotFound,
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
+                StoreError::Unavailable("no database connection available in time".into())
+            }
+            sqlx::Error::Io(e) => StoreError::Unavailable(format!("i/o: {}", e.kind())),
+            sqlx::Error::Tls(_) => StoreError::Unavailable("tls handshake failed".into()),
+            sqlx::Error::Database(db) if db.is_unique_violation() => {
+                StoreError::Conflict("a row with the same key exists")
+            }
+            sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
+                StoreError::Conflict("a referenced row does not exist")
+            }
+            // Only the database's message and code: PostgreSQL puts row values in `detail`,
+            // which is deliberately left out.
+            sqlx::Error::Database(db) => StoreError::Database(format!(
+                "{} ({})",
+                db.message(),
+                db.code().unwrap_or_default()
+            )),
+            other => StoreError::Database(other.to_string()),
+        }
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(err: sqlx::migrate::MigrateError) -> Self {
+        match err {
+            sqlx::migrate::MigrateError::Execute(e) => match StoreError::from(e) {
+                StoreError::Unavailable(m) => StoreError::Unavailable(m),
+                other => StoreError::Migration(other.to_string()),
+            },
+            other => StoreError::Migration(other.to_string()),
+        }
+    }
+}
+
+/// Pool options shared by both backends.
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    pub max_connections: u32,
+    pub acquire_timeout: Duration,
+}
+
+/// Everything the gateway asks of its database. Each method is one unit of work (one
+/// transaction where it writes).
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    fn backend(&self) -> Backend;
+    fn pool_stats(&self) -> PoolStats;
+
+    /// Round trip to the database.
+    async fn ping(&self) -> Result<(), StoreError>;
+    /// Applies pending migrations; safe to call from several instances at once.
+    async fn migrate(&self) -> Result<(), StoreError>;
+    /// Which embedded migrations are applied.
+    async fn migration_status(&self) -> Result<MigrationStatus, StoreError>;
+
+    async fn create_practice(&self, new: &NewPractice) -> Result<Practice, StoreError>;
+    async fn get_practice(&self, id: &ResourceId) -> Result<Practice, StoreError>;
+    async fn list_practices(&self) -> Result<Vec<Practice>, StoreError>;
+
+    /// Closes the pool, waiting for connections in use to be returned.
+    async fn close(&self);
+}
+
+/// Opens the store the URL names (`sqlite://...` or `postgres://...`).
+pub async fn connect(
+    url: &DatabaseUrl,
+    options: &PoolOptions,
+) -> Result<Arc<dyn Store>, StoreError> {
+    if url.is_postgres() {
+        Ok(Arc::new(PgStore::connect(url.expose(), options).await?))
+    } else if url.is_sqlite() {
+        Ok(Arc::new(SqliteStore::connect(url.expose(), options).await?))
+    } else {
+        Err(StoreError::Unavailable(format!(
+            "unsupported database URL scheme in {url}"
+        )))
+    }
+}
+
+/// The current time as stored: UTC with microsecond precision (what PostgreSQL keeps), so both
+/// backends return the same value for the same write.
+pub(crate) fn now() -> time::OffsetDateTime {
+    let now = time::OffsetDateTime::now_utc();
+    now.replace_nanosecond(now.nanosecond() / 1_000 * 1_000)
+        .unwrap_or(now)
+}
