@@ -124,9 +124,7 @@ impl Settings {
             }
             figment = figment.merge(Toml::file_exact(path));
         }
-        let env = env
-            .split("__")
-            .filter(|k| !NON_SETTINGS_ENV.contains(&k.as_str()));
+        let env = env.ignore(NON_SETTINGS_ENV).split("__");
         let settings: Settings = figment.merge(env).extract().map_err(from_figment)?;
         settings.validate()?;
         Ok(settings)

@@ -40,8 +40,15 @@ impl Capability {
         let build_err = |e: fhir_sdk::BuilderError| CapabilityError::Build(e.to_string());
         let mut resources = Vec::with_capacity(api.resources.len());
         for def in &api.resources {
-            let ty = ResourceType::from_str(def.resource_type)
-                .map_err(|_| CapabilityError::UnknownResourceType(def.resource_type.into()))?;
+            // fhir-sdk maps unknown codes to `_Custom` rather than failing: refuse those.
+            let ty = match ResourceType::from_str(def.resource_type) {
+                Ok(ResourceType::_Custom(_)) | Err(_) => {
+                    return Err(CapabilityError::UnknownResourceType(
+                        def.resource_type.into(),
+                    ))
+                }
+                Ok(ty) => ty,
+            };
             let mut interactions: Vec<_> = def.interactions().collect();
             interactions.sort();
             interactions.dedup();

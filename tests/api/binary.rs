@@ -1,0 +1,219 @@
+//! The `fhirgate` binary as an operator uses it: configuration errors, `migrate`, `practices`,
+//! `serve` with JSON logs and graceful shutdown on SIGTERM.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::helpers::TestDb;
+
+fn fhirgate() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fhirgate"));
+    cmd.env_remove("FHIRGATE_CONFIG");
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("fhirgate runs")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn an_invalid_environment_value_fails_fast_naming_the_key() {
+    let out = run(fhirgate()
+        .arg("serve")
+        .env("FHIRGATE_LISTEN", "not-an-address"));
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("`listen`"), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_invalid_config_file_value_names_the_key_and_a_missing_file_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "database_max_connections = 0\n").unwrap();
+    let out = run(fhirgate().args(["serve", "--config"]).arg(&file));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("`database_max_connections`"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = run(fhirgate().args(["migrate", "--config", "/nonexistent/fhirgate.toml"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("/nonexistent/fhirgate.toml"));
+}
+
+#[tokio::test]
+async fn migrate_then_practices_add_and_list_print_json_lines() {
+    let (_db, url) = TestDb::create().await;
+    let out = run(fhirgate()
+        .arg("migrate")
+        .env("FHIRGATE_DATABASE_URL", url.expose()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let migrated: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(migrated["applied"], serde_json::json!([1]));
+
+    let out = run(fhirgate()
+        .args([
+            "practices",
+            "add",
+            "--name",
+            "Lakeside Therapy",
+            "--timezone",
+            "America/Denver",
+        ])
+        .env("FHIRGATE_DATABASE_URL", url.expose()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 1);
+    let practice: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(practice["name"], "Lakeside Therapy");
+    assert_eq!(practice["timezone"], "America/Denver");
+    let id = practice["id"].as_str().unwrap();
+
+    let out = run(fhirgate()
+        .args(["practices", "list"])
+        .env("FHIRGATE_DATABASE_URL", url.expose()));
+    let listed: serde_json::Value =
+        serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
+    assert_eq!(listed["id"], id);
+}
+
+#[tokio::test]
+async fn practices_add_refuses_an_unknown_time_zone_and_a_bad_npi() {
+    let (_db, url) = TestDb::create().await;
+    let out = run(fhirgate()
+        .args(["practices", "add", "--name", "X", "--timezone", "Mars/Base"])
+        .env("FHIRGATE_DATABASE_URL", url.expose()));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("timezone"));
+    let out = run(fhirgate()
+        .args(["practices", "add", "--name", "X", "--npi", "1234567890"])
+        .env("FHIRGATE_DATABASE_URL", url.expose()));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("npi"));
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+fn wait_until_up(port: u16, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Some(res) = http_get(port, "/healthz") {
+            if res.starts_with("HTTP/1.1 200") {
+                return;
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("fhirgate serve exited early: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("fhirgate serve did not come up");
+}
+
+fn sigterm(child: &Child) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+#[tokio::test]
+async fn serve_logs_json_with_the_request_id_and_finishes_in_flight_requests_on_sigterm() {
+    let (_db, url) = TestDb::create().await;
+    let port = free_port();
+    let mut child = fhirgate()
+        .arg("serve")
+        .env("FHIRGATE_DATABASE_URL", url.expose())
+        .env("FHIRGATE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("FHIRGATE_WORKERS", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until_up(port, &mut child);
+
+    let response = http_get(port, "/fhir/r4/metadata").unwrap();
+    let request_id = response
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .unwrap()
+        .trim()
+        .to_owned();
+
+    // A request in flight when SIGTERM arrives: its head is in, its body still arriving.
+    // (A connection whose request head is incomplete is idle to actix and is closed.)
+    let mut in_flight = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        in_flight,
+        "POST /fhir/r4/metadata HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10\r\n\r\n12345"
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    sigterm(&child);
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = write!(in_flight, "67890");
+    let mut answer = String::new();
+    in_flight
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    in_flight.read_to_string(&mut answer).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 405"),
+        "in-flight request was dropped: {answer:?}"
+    );
+
+    let status = child.wait().unwrap();
+    assert!(status.success(), "serve exited with {status}");
+
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    let lines: Vec<serde_json::Value> = BufReader::new(stdout.as_bytes())
+        .lines()
+        .map(|l| serde_json::from_str(&l.unwrap()).expect("every log line is JSON"))
+        .collect();
+    let completed = lines
+        .iter()
+        .find(|l| l["message"] == "request completed" && l["span"]["route"] == "/fhir/r4/metadata")
+        .expect("a completion line for the metadata request");
+    assert_eq!(completed["span"]["request_id"], request_id.as_str());
+    assert_eq!(completed["status"], 200);
+    assert!(lines.iter().any(|l| l["message"] == "shutdown complete"));
+}

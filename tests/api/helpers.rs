@@ -1,0 +1,215 @@
+//! `spawn_app()`: the real application on a random port with a fresh database of its own: a
+//! temp SQLite file, or a new PostgreSQL database when `FHIRGATE_TEST_POSTGRES_URL` is set
+//! (created per test, dropped after). Logs are printed only with `FHIRGATE_TEST_LOG=1`.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, LazyLock};
+
+use fhirgate::config::{DatabaseUrl, Settings};
+use fhirgate::startup::Application;
+use fhirgate::store::{Backend, Store};
+use fhirgate::telemetry::{get_subscriber, init_subscriber};
+
+static TRACING: LazyLock<()> = LazyLock::new(|| {
+    if std::env::var_os("FHIRGATE_TEST_LOG").is_some() {
+        init_subscriber(get_subscriber(
+            "info",
+            fhirgate::config::LogFormat::Json,
+            std::io::stdout,
+        ));
+    } else {
+        init_subscriber(get_subscriber(
+            "info",
+            fhirgate::config::LogFormat::Json,
+            std::io::sink,
+        ));
+    }
+});
+
+/// The backend this test run uses.
+pub fn backend() -> Backend {
+    if postgres_admin_url().is_some() {
+        Backend::Postgres
+    } else {
+        Backend::Sqlite
+    }
+}
+
+pub fn postgres_admin_url() -> Option<String> {
+    std::env::var("FHIRGATE_TEST_POSTGRES_URL")
+        .ok()
+        .filter(|s| !s.is_empty())
+}
+
+/// A database that exists for one test.
+pub enum TestDb {
+    Sqlite(#[allow(dead_code)] tempfile::TempDir),
+    Postgres { admin_url: String, name: String },
+}
+
+impl TestDb {
+    pub async fn create() -> (Self, DatabaseUrl) {
+        match postgres_admin_url() {
+            Some(admin_url) => {
+                let name = format!("fhirgate_test_{}", uuid::Uuid::new_v4().simple());
+                let admin = sqlx::PgPool::connect(&admin_url)
+                    .await
+                    .expect("FHIRGATE_TEST_POSTGRES_URL must reach a PostgreSQL server");
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&admin)
+                    .await
+                    .expect("create test database");
+                admin.close().await;
+                let mut url = reqwest::Url::parse(&admin_url).expect("valid postgres URL");
+                url.set_path(&format!("/{name}"));
+                (
+                    TestDb::Postgres { admin_url, name },
+                    DatabaseUrl::new(url.to_string()),
+                )
+            }
+            None => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let url = format!("sqlite://{}/fhirgate.db", dir.path().display());
+                (TestDb::Sqlite(dir), DatabaseUrl::new(url))
+            }
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let TestDb::Postgres { admin_url, name } = self {
+            let (admin_url, name) = (admin_url.clone(), name.clone());
+            // Drop runs inside the test's runtime: use a thread with a runtime of its own.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async {
+                    if let Ok(admin) = sqlx::PgPool::connect(&admin_url).await {
+                        let _ =
+                            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                                .execute(&admin)
+                                .await;
+                        admin.close().await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    pub store: Arc<dyn Store>,
+    pub database_url: DatabaseUrl,
+    handle: actix_web::dev::ServerHandle,
+    // Dropped last: the database outlives the server.
+    _db: TestDb,
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.address, path)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request reaches the gateway")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        // Stop the server; the future completes in the background.
+        drop(self.handle.stop(false));
+    }
+}
+
+/// Settings for a test: random port, the given database, quiet logs. `extra` is TOML layered on.
+pub fn test_settings(database_url: &DatabaseUrl, extra: &str) -> Settings {
+    Settings::from_toml(&format!(
+        "listen = '127.0.0.1:0'\nworkers = 2\ndatabase_url = '{}'\ndatabase_max_connections = 5\n{extra}",
+        database_url.expose()
+    ))
+    .expect("test settings are valid")
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with("").await
+}
+
+pub async fn spawn_app_with(extra: &str) -> TestApp {
+    LazyLock::force(&TRACING);
+    let (db, database_url) = TestDb::create().await;
+    let settings = test_settings(&database_url, extra);
+    let app = Application::build(settings)
+        .await
+        .expect("application builds");
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let store = app.store();
+    let handle = app.handle();
+    tokio::spawn(app.run_until_stopped());
+    TestApp {
+        address,
+        client: reqwest::Client::new(),
+        store,
+        database_url,
+        handle,
+        _db: db,
+    }
+}
+
+/// Validates FHIR JSON (one resource a line) with `../shared/tools/validate-fhir`, the official R4
+/// JSON schema, and panics with the tool's report when anything is invalid.
+pub fn assert_valid_fhir(resources: &[serde_json::Value]) {
+    let tool = std::env::var("FHIRGATE_VALIDATE_FHIR").unwrap_or_else(|_| {
+        format!(
+            "{}/../shared/tools/validate-fhir",
+            env!("CARGO_MANIFEST_DIR")
+        )
+    });
+    assert!(
+        std::path::Path::new(&tool).exists(),
+        "validate-fhir not found at {tool}; set FHIRGATE_VALIDATE_FHIR"
+    );
+    let mut child = Command::new(&tool)
+        .arg("-")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("validate-fhir starts");
+    {
+        let stdin = child.stdin.as_mut().expect("stdin");
+        for r in resources {
+            writeln!(stdin, "{r}").expect("write resource");
+        }
+    }
+    let out = child.wait_with_output().expect("validate-fhir runs");
+    assert!(
+        out.status.success(),
+        "emitted FHIR is invalid:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The JSON body of a FHIR response, after checking its content type.
+pub async fn fhir_body(res: reqwest::Response) -> serde_json::Value {
+    let ct = res
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(ct, "application/fhir+json; charset=utf-8");
+    res.json().await.expect("JSON body")
+}
