@@ -158,9 +158,8 @@ impl Settings {
         if self.database_acquire_timeout_secs == 0 {
             return Err(bad("database_acquire_timeout_secs", "must be at least 1"));
         }
-        if !self.public_url.is_empty()
-            && !(self.public_url.starts_with("http://") || self.public_url.starts_with("https://"))
-        {
+        let url = &self.public_url;
+        if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
             return Err(bad(
                 "public_url",
                 "must be empty or start with http:// or https://",
@@ -245,6 +244,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's signature
     fn environment_variables_override_the_file_and_name_the_key_when_wrong() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("FHIRGATE_DATABASE_MAX_CONNECTIONS", "many");
