@@ -44,6 +44,31 @@ pub struct Settings {
     pub shutdown_timeout_secs: u64,
     pub log_format: LogFormat,
     pub log_level: String,
+    /// Master key spec (`FHIRGATE_MASTER_KEY`); never shown in `Debug`.
+    pub master_key: Secret,
+    /// File holding the master key spec, used when `master_key` is empty.
+    pub master_key_file: String,
+    pub access_token_lifetime_secs: u64,
+}
+
+/// A secret setting: redacted whenever displayed.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "***" })
+    }
 }
 
 /// A database URL whose password is redacted whenever it is displayed.
@@ -163,6 +188,12 @@ impl Settings {
             return Err(bad(
                 "public_url",
                 "must be empty or start with http:// or https://",
+            ));
+        }
+        if !(1..=3600).contains(&self.access_token_lifetime_secs) {
+            return Err(bad(
+                "access_token_lifetime_secs",
+                "must be between 1 and 3600",
             ));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {

@@ -13,8 +13,11 @@ use actix_web::{web, App, HttpServer};
 use crate::config::Settings;
 use crate::fhir::capability::{Capability, CapabilityError};
 use crate::fhir::{self, FhirApi};
+use crate::gate::clients::JwksFetcher;
+use crate::gate::{smart, token_endpoint, AccessTokens};
 use crate::http::observe::observe;
 use crate::http::ApiError;
+use crate::keys::{MasterKeyError, MasterSecret};
 use crate::ops::{self, Metrics};
 use crate::store::{self, PoolOptions, Store, StoreError};
 
@@ -23,6 +26,15 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub metrics: Metrics,
     pub base_url: String,
+    pub gate: GateState,
+}
+
+/// What the gate needs: the token issuer/verifier, the JWKS fetcher and the token URL that
+/// client assertions must name as their audience.
+pub struct GateState {
+    pub tokens: AccessTokens,
+    pub jwks: JwksFetcher,
+    pub token_url: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +48,8 @@ pub enum StartupError {
     },
     #[error(transparent)]
     Capability(#[from] CapabilityError),
+    #[error("master key: {0}")]
+    MasterKey(#[from] MasterKeyError),
 }
 
 pub struct Application {
@@ -65,12 +79,14 @@ impl Application {
         if settings.migrate_on_start {
             store.migrate().await?;
         }
-        Self::build_with_store(settings, store)
+        let master = MasterSecret::from_settings(&settings)?;
+        Self::build_with_store(settings, store, &master)
     }
 
     pub fn build_with_store(
         settings: Settings,
         store: Arc<dyn Store>,
+        master: &MasterSecret,
     ) -> Result<Self, StartupError> {
         let listener = TcpListener::bind(settings.listen).map_err(|source| StartupError::Bind {
             addr: settings.listen,
@@ -83,9 +99,19 @@ impl Application {
         let base_url = settings.base_url(addr);
         let api = fhir_api();
         let capability = web::Data::new(Capability::build(&api, &base_url)?);
+        let token_secret = master.derive_token_secret();
         let state = web::Data::new(AppState {
             store: Arc::clone(&store),
             metrics: Metrics::new(),
+            gate: GateState {
+                tokens: AccessTokens::new(
+                    &*token_secret,
+                    &base_url,
+                    Duration::from_secs(settings.access_token_lifetime_secs),
+                ),
+                jwks: JwksFetcher::new(),
+                token_url: format!("{base_url}/auth/token"),
+            },
             base_url: base_url.clone(),
         });
 
@@ -95,6 +121,11 @@ impl Application {
                 .app_data(capability.clone())
                 .wrap(from_fn(observe))
                 .configure(ops::configure)
+                .route("/auth/token", web::post().to(token_endpoint::token))
+                .route(
+                    "/.well-known/smart-configuration",
+                    web::get().to(smart::smart_configuration),
+                )
                 .configure(|cfg| fhir::configure(&api, cfg))
                 .default_service(web::to(not_found))
         })

@@ -10,7 +10,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::Settings;
-use crate::domain::{NewPractice, Npi, PracticeName, TaxId, TimeZoneName};
+use crate::domain::{NewPractice, Npi, PracticeName, ResourceId, TaxId, TimeZoneName};
+use crate::gate::{ClientKeys, ClientStatus, NewApiClient, Role, ScopeSet};
 use crate::startup::{pool_options, Application};
 use crate::store;
 use crate::telemetry::{get_subscriber, init_subscriber};
@@ -38,6 +39,9 @@ pub enum Command {
     /// Manage practices (tenants).
     #[command(subcommand)]
     Practices(PracticesCommand),
+    /// Manage API clients (SMART backend-services clients of the FHIR API).
+    #[command(subcommand)]
+    Clients(ClientsCommand),
     /// Exit 0 when the gateway at --url answers /healthz (for container health checks).
     Healthcheck {
         #[arg(long, default_value = "http://127.0.0.1:8080/healthz")]
@@ -65,6 +69,71 @@ pub struct AddPractice {
     /// Employer identification number (NN-NNNNNNN).
     #[arg(long)]
     pub tax_id: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientsCommand {
+    /// Register a client of one practice; prints it (with its `client_id`) as one JSON line.
+    Add(AddClient),
+    /// List clients, one JSON line each.
+    List {
+        #[arg(long)]
+        practice: Option<String>,
+    },
+    /// Disable a client: its assertions are refused from now on.
+    Disable {
+        #[arg(long)]
+        client_id: String,
+    },
+    /// Replace a client's public keys (JWKS file or URL).
+    RotateKey {
+        #[arg(long)]
+        client_id: String,
+        #[command(flatten)]
+        keys: KeySource,
+    },
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct KeySource {
+    /// A file holding the client's public JSON Web Key Set.
+    #[arg(long, value_name = "FILE")]
+    pub jwks: Option<PathBuf>,
+    /// An https URL serving the client's JWKS (fetched and cached; re-fetched on an unknown kid).
+    #[arg(long, value_name = "URL")]
+    pub jwks_url: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct AddClient {
+    #[arg(long)]
+    pub practice: String,
+    #[arg(long)]
+    pub name: String,
+    #[command(flatten)]
+    pub keys: KeySource,
+    /// Allowed scopes, space separated (SMART v1 or v2 `system/` scopes). Default: the role's.
+    #[arg(long)]
+    pub scope: Option<String>,
+    /// practice_admin | clinician | billing | front_desk | external_system
+    #[arg(long, default_value = "external_system")]
+    pub role: String,
+}
+
+impl KeySource {
+    fn parse(&self) -> Result<ClientKeys, CliError> {
+        match (&self.jwks, &self.jwks_url) {
+            (Some(file), _) => {
+                let text = std::fs::read_to_string(file).map_err(|e| {
+                    CliError::Usage(format!("cannot read {}: {}", file.display(), e.kind()))
+                })?;
+                ClientKeys::inline(&text).map_err(|e| CliError::Usage(e.to_string()))
+            }
+            (None, Some(url)) => ClientKeys::url(url).map_err(|e| CliError::Usage(e.to_string())),
+            (None, None) => Err(CliError::Usage("give --jwks FILE or --jwks-url URL".into())),
+        }
+    }
 }
 
 /// What went wrong, and the exit code it earns: 2 for bad configuration or arguments, 1 otherwise.
@@ -142,6 +211,7 @@ async fn dispatch(command: Command, settings: Settings) -> Result<(), CliError> 
             Ok(())
         }
         Command::Practices(cmd) => practices(cmd, settings).await,
+        Command::Clients(cmd) => clients(cmd, settings).await,
         Command::Healthcheck { .. } => unreachable!("handled before loading settings"),
     }
 }
@@ -188,4 +258,89 @@ async fn practices(cmd: PracticesCommand, settings: Settings) -> Result<(), CliE
     .await;
     store.close().await;
     result.map_err(|e| CliError::Failed(e.to_string()))
+}
+
+fn print_json<T: serde::Serialize>(value: &T) {
+    println!("{}", serde_json::to_string(value).unwrap_or_default());
+}
+
+async fn clients(cmd: ClientsCommand, settings: Settings) -> Result<(), CliError> {
+    let usage = |e: crate::domain::InvalidValue| CliError::Usage(e.to_string());
+    // Parse every argument before touching the database.
+    enum Plan {
+        Add(NewApiClient),
+        List(Option<ResourceId>),
+        Disable(String),
+        Rotate(String, ClientKeys),
+    }
+    let plan = match cmd {
+        ClientsCommand::Add(add) => {
+            let role = Role::parse(&add.role).map_err(usage)?;
+            let scope_text = add.scope.as_deref().unwrap_or(role.default_scopes());
+            let scopes = ScopeSet::parse(scope_text)
+                .map_err(|e| CliError::Usage(format!("--scope: {e}")))?;
+            if scopes.is_empty() {
+                return Err(CliError::Usage(
+                    "--scope: give at least one system/ scope".into(),
+                ));
+            }
+            let name = add.name.trim().to_owned();
+            if name.is_empty() || name.len() > 200 {
+                return Err(CliError::Usage("--name: must be 1-200 characters".into()));
+            }
+            Plan::Add(NewApiClient {
+                practice_id: ResourceId::parse("practice", add.practice).map_err(usage)?,
+                name,
+                role,
+                scopes,
+                keys: add.keys.parse()?,
+            })
+        }
+        ClientsCommand::List { practice } => Plan::List(
+            practice
+                .map(|p| ResourceId::parse("practice", p))
+                .transpose()
+                .map_err(usage)?,
+        ),
+        ClientsCommand::Disable { client_id } => Plan::Disable(client_id),
+        ClientsCommand::RotateKey { client_id, keys } => Plan::Rotate(client_id, keys.parse()?),
+    };
+    let store = store::connect(&settings.database_url, &pool_options(&settings))
+        .await
+        .map_err(|e| CliError::Failed(e.to_string()))?;
+    let result = async {
+        store.migrate().await?;
+        match plan {
+            Plan::Add(new) => {
+                // A clear message for the common mistake, rather than a foreign-key error.
+                if let Err(store::StoreError::NotFound) = store.get_practice(&new.practice_id).await
+                {
+                    return Err(CliError::Usage("--practice: no such practice".into()));
+                }
+                print_json(&store.create_client(&new).await?);
+            }
+            Plan::List(practice) => {
+                for client in store.list_clients(practice.as_ref()).await? {
+                    print_json(&client);
+                }
+            }
+            Plan::Disable(id) => {
+                print_json(&store.set_client_status(&id, ClientStatus::Disabled).await?)
+            }
+            Plan::Rotate(id, keys) => print_json(&store.set_client_keys(&id, &keys).await?),
+        }
+        Ok(())
+    }
+    .await;
+    store.close().await;
+    result
+}
+
+impl From<store::StoreError> for CliError {
+    fn from(err: store::StoreError) -> Self {
+        match err {
+            store::StoreError::NotFound => CliError::Usage("no such client".into()),
+            other => CliError::Failed(other.to_string()),
+        }
+    }
 }

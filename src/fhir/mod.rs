@@ -8,7 +8,11 @@ pub mod capability;
 pub mod negotiate;
 pub mod registry;
 
+use actix_web::middleware::from_fn;
 use actix_web::{web, HttpRequest};
+
+use crate::gate::middleware::authenticate;
+use crate::gate::smart;
 
 use crate::http::ApiError;
 
@@ -20,8 +24,15 @@ pub const FHIR_BASE: &str = "/fhir/r4";
 /// Mounts the FHIR API: negotiation, the registered resources, `metadata`, and OperationOutcome
 /// 404s for everything else under the base.
 pub fn configure(api: &FhirApi, cfg: &mut web::ServiceConfig) {
+    // Wrapped last runs first: negotiation (406), then authentication (401), then the
+    // per-interaction scope checks the registry attaches (403).
     let scope = web::scope(FHIR_BASE)
-        .wrap(actix_web::middleware::from_fn(negotiate::negotiate))
+        .wrap(from_fn(authenticate))
+        .wrap(from_fn(negotiate::negotiate))
+        .route(
+            "/.well-known/smart-configuration",
+            web::get().to(smart::smart_configuration),
+        )
         .configure(|scope_cfg| api.configure(scope_cfg))
         .default_service(web::to(unknown_route));
     cfg.service(scope);

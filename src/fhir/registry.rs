@@ -8,6 +8,10 @@ use std::sync::Arc;
 use actix_web::http::{header, Method};
 use actix_web::{web, FromRequest, Handler, HttpResponse, Responder, Route};
 
+use actix_web::middleware::from_fn;
+
+use crate::gate::middleware::require_scope;
+use crate::gate::Permission;
 use crate::http::ApiError;
 
 /// The type-level and instance-level interactions of FHIR R4 (CapabilityStatement
@@ -37,6 +41,20 @@ impl Interaction {
             Interaction::HistoryType => "history-type",
             Interaction::Create => "create",
             Interaction::SearchType => "search-type",
+        }
+    }
+
+    /// The SMART permission the interaction needs.
+    pub fn permission(self) -> Permission {
+        match self {
+            Interaction::Read
+            | Interaction::Vread
+            | Interaction::HistoryInstance
+            | Interaction::HistoryType => Permission::Read,
+            Interaction::Update | Interaction::Patch => Permission::Update,
+            Interaction::Delete => Permission::Delete,
+            Interaction::Create => Permission::Create,
+            Interaction::SearchType => Permission::Search,
         }
     }
 
@@ -136,21 +154,26 @@ impl FhirApi {
         &self.resources
     }
 
-    /// Registers `metadata` and every declared interaction; each path answers other methods with
-    /// 405 and an `Allow` header.
+    /// Registers `metadata` and every declared interaction, each behind the scope check of its
+    /// permission; each path answers other methods with 405 and an `Allow` header.
     pub fn configure(&self, cfg: &mut web::ServiceConfig) {
-        let mut by_path: BTreeMap<String, Vec<(Method, RouteFactory)>> = BTreeMap::new();
-        by_path.entry("/metadata".to_owned()).or_default().push((
-            Method::GET,
-            Arc::new(|| web::route().to(super::capability::metadata)),
-        ));
+        let mut by_path: BTreeMap<String, Vec<(Method, Route)>> = BTreeMap::new();
+        by_path
+            .entry("/metadata".to_owned())
+            .or_default()
+            .push((Method::GET, web::route().to(super::capability::metadata)));
         for def in &self.resources {
+            let resource_type = def.resource_type;
             for (interaction, factory) in &def.interactions {
+                let permission = interaction.permission();
                 for (suffix, method) in interaction.routes() {
+                    let route = factory().wrap(from_fn(move |req, next| {
+                        require_scope(resource_type, permission, req, next)
+                    }));
                     by_path
-                        .entry(format!("/{}{}", def.resource_type, suffix))
+                        .entry(format!("/{resource_type}{suffix}"))
                         .or_default()
-                        .push((method.clone(), Arc::clone(factory)));
+                        .push((method.clone(), route));
                 }
             }
         }
@@ -161,8 +184,8 @@ impl FhirApi {
                 .collect::<Vec<_>>()
                 .join(", ");
             let mut resource = web::resource(path);
-            for (method, factory) in routes {
-                resource = resource.route(factory().method(method));
+            for (method, route) in routes {
+                resource = resource.route(route.method(method));
             }
             resource = resource.default_service(web::to(move |req: actix_web::HttpRequest| {
                 let allow = allow.clone();

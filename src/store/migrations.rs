@@ -8,17 +8,31 @@ use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
 
 pub(crate) struct Embedded(pub &'static [(i64, &'static str, &'static str)]);
 
-pub(crate) const SQLITE: Embedded = Embedded(&[(
-    1,
-    "practice_model",
-    include_str!("../../migrations/sqlite/0001_practice_model.sql"),
-)]);
+pub(crate) const SQLITE: Embedded = Embedded(&[
+    (
+        1,
+        "practice_model",
+        include_str!("../../migrations/sqlite/0001_practice_model.sql"),
+    ),
+    (
+        2,
+        "client_assertions",
+        include_str!("../../migrations/sqlite/0002_client_assertions.sql"),
+    ),
+]);
 
-pub(crate) const POSTGRES: Embedded = Embedded(&[(
-    1,
-    "practice_model",
-    include_str!("../../migrations/postgres/0001_practice_model.sql"),
-)]);
+pub(crate) const POSTGRES: Embedded = Embedded(&[
+    (
+        1,
+        "practice_model",
+        include_str!("../../migrations/postgres/0001_practice_model.sql"),
+    ),
+    (
+        2,
+        "client_assertions",
+        include_str!("../../migrations/postgres/0002_client_assertions.sql"),
+    ),
+]);
 
 impl std::fmt::Debug for Embedded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

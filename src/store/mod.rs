@@ -13,6 +13,7 @@ use async_trait::async_trait;
 
 use crate::config::DatabaseUrl;
 use crate::domain::{NewPractice, Practice, ResourceId};
+use crate::gate::{ApiClient, ClientKeys, ClientStatus, NewApiClient};
 
 pub use migrations::MigrationStatus;
 pub use postgres::PgStore;
@@ -120,6 +121,34 @@ pub trait Store: Send + Sync + 'static {
     async fn get_practice(&self, id: &ResourceId) -> Result<Practice, StoreError>;
     async fn list_practices(&self) -> Result<Vec<Practice>, StoreError>;
 
+    async fn create_client(&self, new: &NewApiClient) -> Result<ApiClient, StoreError>;
+    async fn get_client(&self, client_id: &str) -> Result<ApiClient, StoreError>;
+    /// Clients of one practice, or of all practices.
+    async fn list_clients(
+        &self,
+        practice: Option<&ResourceId>,
+    ) -> Result<Vec<ApiClient>, StoreError>;
+    async fn set_client_status(
+        &self,
+        client_id: &str,
+        status: ClientStatus,
+    ) -> Result<ApiClient, StoreError>;
+    /// Replaces a client's key set (key rotation).
+    async fn set_client_keys(
+        &self,
+        client_id: &str,
+        keys: &ClientKeys,
+    ) -> Result<ApiClient, StoreError>;
+    /// Records a client assertion's `jti` until `expires_at` (unix seconds); `false` when it was
+    /// seen before (a replay). Expired entries are purged on the way.
+    async fn remember_assertion(
+        &self,
+        practice: &ResourceId,
+        client_id: &str,
+        jti: &str,
+        expires_at: u64,
+    ) -> Result<bool, StoreError>;
+
     /// Closes the pool, waiting for connections in use to be returned.
     async fn close(&self);
 }
@@ -139,6 +168,17 @@ pub async fn connect(
         )))
     }
 }
+
+/// Splits client keys into the (jwks, jwks_url) columns.
+pub(crate) fn key_columns(keys: &ClientKeys) -> (Option<&str>, Option<&str>) {
+    match keys {
+        ClientKeys::Inline(jwks) => (Some(jwks.as_str()), None),
+        ClientKeys::Url(url) => (None, Some(url.as_str())),
+    }
+}
+
+pub(crate) const CLIENT_COLUMNS: &str =
+    "client_id, practice_id, name, role, scopes, jwks, jwks_url, status, created_at";
 
 /// The current time as stored: UTC with microsecond precision (what PostgreSQL keeps), so both
 /// backends return the same value for the same write.

@@ -11,8 +11,9 @@ use sqlx::sqlite::{
 use sqlx::{Row, SqlitePool};
 
 use super::migrations::{MigrationStatus, SQLITE};
-use super::{now, Backend, PoolOptions, PoolStats, Store, StoreError};
+use super::{key_columns, now, Backend, PoolOptions, PoolStats, Store, StoreError, CLIENT_COLUMNS};
 use crate::domain::{new_resource_id, NewPractice, Practice, ResourceId};
+use crate::gate::{ApiClient, ClientKeys, ClientStatus, NewApiClient};
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -57,6 +58,26 @@ fn practice_from(row: &SqliteRow) -> Result<Practice, sqlx::Error> {
         timezone: row.try_get("timezone")?,
         npi: row.try_get("npi")?,
         tax_id: row.try_get("tax_id")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn client_from(row: &SqliteRow) -> Result<ApiClient, sqlx::Error> {
+    let role: String = row.try_get("role")?;
+    let status: String = row.try_get("status")?;
+    Ok(ApiClient {
+        client_id: row.try_get("client_id")?,
+        practice_id: ResourceId::from_trusted(row.try_get("practice_id")?),
+        name: row.try_get("name")?,
+        role: ApiClient::role_from_db(&role),
+        scope: row.try_get("scopes")?,
+        jwks: row.try_get("jwks")?,
+        jwks_url: row.try_get("jwks_url")?,
+        status: if status == "active" {
+            ClientStatus::Active
+        } else {
+            ClientStatus::Disabled
+        },
         created_at: row.try_get("created_at")?,
     })
 }
@@ -143,6 +164,119 @@ impl Store for SqliteStore {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.iter().map(practice_from).collect::<Result<_, _>>()?)
+    }
+
+    async fn create_client(&self, new: &NewApiClient) -> Result<ApiClient, StoreError> {
+        let client_id = uuid::Uuid::new_v4().to_string();
+        let (jwks, jwks_url) = key_columns(&new.keys);
+        let now = now();
+        sqlx::query(
+            "INSERT INTO api_clients (client_id, practice_id, name, role, scopes, jwks, jwks_url,
+                                      status, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'active', ?8, ?8)",
+        )
+        .bind(&client_id)
+        .bind(new.practice_id.as_str())
+        .bind(&new.name)
+        .bind(new.role.as_str())
+        .bind(new.scopes.to_string())
+        .bind(jwks)
+        .bind(jwks_url)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        self.get_client(&client_id).await
+    }
+
+    async fn get_client(&self, client_id: &str) -> Result<ApiClient, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {CLIENT_COLUMNS} FROM api_clients WHERE client_id = ?1"
+        ))
+        .bind(client_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(client_from(&row)?)
+    }
+
+    async fn list_clients(
+        &self,
+        practice: Option<&ResourceId>,
+    ) -> Result<Vec<ApiClient>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {CLIENT_COLUMNS} FROM api_clients
+             WHERE ?1 IS NULL OR practice_id = ?1 ORDER BY created_at, client_id"
+        ))
+        .bind(practice.map(ResourceId::as_str))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(client_from).collect::<Result<_, _>>()?)
+    }
+
+    async fn set_client_status(
+        &self,
+        client_id: &str,
+        status: ClientStatus,
+    ) -> Result<ApiClient, StoreError> {
+        let done =
+            sqlx::query("UPDATE api_clients SET status = ?1, updated_at = ?2 WHERE client_id = ?3")
+                .bind(status.as_str())
+                .bind(now())
+                .bind(client_id)
+                .execute(&self.pool)
+                .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        self.get_client(client_id).await
+    }
+
+    async fn set_client_keys(
+        &self,
+        client_id: &str,
+        keys: &ClientKeys,
+    ) -> Result<ApiClient, StoreError> {
+        let (jwks, jwks_url) = key_columns(keys);
+        let done = sqlx::query(
+            "UPDATE api_clients SET jwks = ?1, jwks_url = ?2, updated_at = ?3 WHERE client_id = ?4",
+        )
+        .bind(jwks)
+        .bind(jwks_url)
+        .bind(now())
+        .bind(client_id)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        self.get_client(client_id).await
+    }
+
+    async fn remember_assertion(
+        &self,
+        practice: &ResourceId,
+        client_id: &str,
+        jti: &str,
+        expires_at: u64,
+    ) -> Result<bool, StoreError> {
+        let now = crate::gate::access_token::unix_now() as i64;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM client_assertions WHERE expires_at < ?1")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        let inserted = sqlx::query(
+            "INSERT INTO client_assertions (practice_id, client_id, jti, expires_at)
+             VALUES (?1, ?2, ?3, ?4) ON CONFLICT (client_id, jti) DO NOTHING",
+        )
+        .bind(practice.as_str())
+        .bind(client_id)
+        .bind(jti)
+        .bind(i64::try_from(expires_at).unwrap_or(i64::MAX))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(inserted == 1)
     }
 
     async fn close(&self) {

@@ -1,5 +1,6 @@
 //! The FHIR baseline: CapabilityStatement, content negotiation, OperationOutcome on every error.
 
+use crate::auth::access_token;
 use crate::helpers::{assert_valid_fhir, fhir_body, spawn_app};
 
 #[tokio::test]
@@ -91,7 +92,14 @@ async fn pretty_printing_is_honoured() {
 #[tokio::test]
 async fn an_unknown_fhir_route_is_a_404_operation_outcome_that_does_not_echo_the_path() {
     let app = spawn_app().await;
-    let res = app.get("/fhir/r4/Patient/jane-doe-1970").await;
+    let token = access_token(&app, "system/*.rs").await;
+    let res = app
+        .client
+        .get(app.url("/fhir/r4/Patient/jane-doe-1970"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 404);
     let outcome = fhir_body(res).await;
     assert_eq!(outcome["issue"][0]["code"], "not-found");

@@ -3,6 +3,8 @@
 //! (created per test, dropped after). Logs are printed only with `FHIRGATE_TEST_LOG=1`.
 
 use std::io::Write;
+
+use base64::Engine;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, LazyLock};
 
@@ -136,8 +138,10 @@ impl Drop for TestApp {
 /// Settings for a test: random port, the given database, quiet logs. `extra` is TOML layered on.
 pub fn test_settings(database_url: &DatabaseUrl, extra: &str) -> Settings {
     Settings::from_toml(&format!(
-        "listen = '127.0.0.1:0'\nworkers = 2\ndatabase_url = '{}'\ndatabase_max_connections = 5\n{extra}",
-        database_url.expose()
+        "listen = '127.0.0.1:0'\nworkers = 2\ndatabase_url = '{}'\ndatabase_max_connections = 5\n\
+         master_key = 'test1:{}'\n{extra}",
+        database_url.expose(),
+        base64::engine::general_purpose::STANDARD.encode(uuid::Uuid::new_v4().as_bytes().repeat(2))
     ))
     .expect("test settings are valid")
 }

@@ -97,7 +97,7 @@ async fn metrics_count_requests_by_route_template_without_raw_ids() {
         ),
         "{text}"
     );
-    assert!(text.contains(r#"status="404""#));
+    assert!(text.contains(r#"status="401""#));
     assert!(text.contains("fhirgate_http_request_duration_seconds_bucket"));
     assert!(text.contains("fhirgate_db_pool_max_connections 5"));
     assert!(!text.contains("secret-id-4242"));

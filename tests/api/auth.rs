@@ -1,0 +1,335 @@
+//! SMART backend-services authorization: `/auth/token` with signed client assertions, SMART
+//! discovery, and bearer tokens on the gated routes.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair, ECDSA_P384_SHA384_FIXED_SIGNING};
+use base64::Engine;
+use fhirgate::domain::{NewPractice, PracticeName, TimeZoneName};
+use fhirgate::gate::{ClientKeys, ClientStatus, NewApiClient, Role, ScopeSet};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+
+use crate::helpers::{spawn_app, TestApp};
+
+const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+fn b64url(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A P-384 key pair and its public JWK.
+pub struct SigningKey {
+    pub kid: String,
+    pub key: EncodingKey,
+    pub jwk: Value,
+}
+
+impl SigningKey {
+    pub fn es384(kid: &str) -> Self {
+        let pair = EcdsaKeyPair::generate(&ECDSA_P384_SHA384_FIXED_SIGNING).unwrap();
+        let pkcs8 = pair.to_pkcs8v1().unwrap();
+        let point = pair.public_key().as_ref(); // 0x04 || X || Y
+        let jwk = json!({
+            "kty": "EC", "crv": "P-384", "kid": kid, "alg": "ES384", "use": "sig",
+            "x": b64url(&point[1..49]), "y": b64url(&point[49..97]),
+        });
+        Self {
+            kid: kid.into(),
+            key: EncodingKey::from_ec_der(pkcs8.as_ref()),
+            jwk,
+        }
+    }
+
+    pub fn jwks(keys: &[&SigningKey]) -> String {
+        json!({ "keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>() }).to_string()
+    }
+}
+
+pub struct TestClient {
+    pub client_id: String,
+    pub key: SigningKey,
+    pub token_url: String,
+}
+
+impl TestClient {
+    /// Claims of a valid assertion, to be altered by a test.
+    pub fn claims(&self) -> Value {
+        json!({
+            "iss": self.client_id, "sub": self.client_id, "aud": self.token_url,
+            "exp": now() + 240, "iat": now(), "jti": uuid::Uuid::new_v4().to_string(),
+        })
+    }
+
+    pub fn sign(&self, claims: &Value) -> String {
+        sign_with(&self.key, claims)
+    }
+}
+
+pub fn sign_with(key: &SigningKey, claims: &Value) -> String {
+    let mut header = Header::new(Algorithm::ES384);
+    header.kid = Some(key.kid.clone());
+    jsonwebtoken::encode(&header, claims, &key.key).unwrap()
+}
+
+/// Creates a practice and a client of it allowed `scopes`, with an inline JWKS.
+pub async fn register_client(app: &TestApp, scopes: &str) -> TestClient {
+    let practice = app
+        .store
+        .create_practice(&NewPractice {
+            name: PracticeName::parse("Lakeside Therapy").unwrap(),
+            timezone: TimeZoneName::default(),
+            npi: None,
+            tax_id: None,
+        })
+        .await
+        .unwrap();
+    let key = SigningKey::es384("key-1");
+    let client = app
+        .store
+        .create_client(&NewApiClient {
+            practice_id: practice.id,
+            name: "Partner EHR".into(),
+            role: Role::ExternalSystem,
+            scopes: ScopeSet::parse(scopes).unwrap(),
+            keys: ClientKeys::inline(&SigningKey::jwks(&[&key])).unwrap(),
+        })
+        .await
+        .unwrap();
+    TestClient {
+        client_id: client.client_id,
+        key,
+        token_url: app.url("/auth/token"),
+    }
+}
+
+pub async fn request_token(app: &TestApp, assertion: &str, scope: &str) -> reqwest::Response {
+    app.client
+        .post(app.url("/auth/token"))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("scope", scope),
+            ("client_assertion_type", ASSERTION_TYPE),
+            ("client_assertion", assertion),
+        ])
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A practice with a client allowed `scopes`, and an access token for them.
+pub async fn access_token(app: &TestApp, scopes: &str) -> String {
+    let client = register_client(app, scopes).await;
+    let res = request_token(app, &client.sign(&client.claims()), scopes).await;
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    body["access_token"].as_str().unwrap().to_owned()
+}
+
+async fn oauth_error(res: reqwest::Response, status: u16, code: &str) {
+    assert_eq!(res.status(), status);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"], code, "{body}");
+}
+
+#[tokio::test]
+async fn a_client_signing_with_its_key_gets_a_token_with_the_granted_scopes() {
+    let app = spawn_app().await;
+    let client = register_client(&app, "system/Patient.rs system/Coverage.rs").await;
+    let res = request_token(
+        &app,
+        &client.sign(&client.claims()),
+        "system/Patient.read system/Claim.cruds",
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["cache-control"], "no-store");
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["token_type"], "bearer");
+    assert_eq!(body["expires_in"], 300);
+    assert_eq!(body["scope"], "system/Patient.read");
+    assert!(body["access_token"].as_str().unwrap().len() > 20);
+}
+
+#[tokio::test]
+async fn an_expired_assertion_is_refused() {
+    let app = spawn_app().await;
+    let client = register_client(&app, "system/Patient.rs").await;
+    let mut claims = client.claims();
+    claims["exp"] = json!(now() - 120);
+    let res = request_token(&app, &client.sign(&claims), "system/Patient.rs").await;
+    oauth_error(res, 401, "invalid_client").await;
+}
+
+#[tokio::test]
+async fn a_replayed_assertion_is_refused() {
+    let app = spawn_app().await;
+    let client = register_client(&app, "system/Patient.rs").await;
+    let assertion = client.sign(&client.claims());
+    assert_eq!(
+        request_token(&app, &assertion, "system/Patient.rs")
+            .await
+            .status(),
+        200
+    );
+    let res = request_token(&app, &assertion, "system/Patient.rs").await;
+    oauth_error(res, 401, "invalid_client").await;
+}
+
+#[tokio::test]
+async fn an_assertion_signed_by_another_key_is_refused() {
+    let app = spawn_app().await;
+    let client = register_client(&app, "system/Patient.rs").await;
+    let impostor = SigningKey::es384("key-1"); // same kid, different key
+    let res = request_token(
+        &app,
+        &sign_with(&impostor, &client.claims()),
+        "system/Patient.rs",
+    )
+    .await;
+    oauth_error(res, 401, "invalid_client").await;
+}
+
+#[tokio::test]
+async fn an_assertion_for_another_audience_is_refused() {
+    let app = spawn_app().await;
+    let client = register_client(&app, "system/Patient.rs").await;
+    let mut claims = client.claims();
+    claims["aud"] = json!("https://elsewhere.example/token");
+    let res = request_token(&app, &client.sign(&claims), "system/Patient.rs").await;
+    oauth_error(res, 401, "invalid_client").await;
+}
+
+#[tokio::test]
+async fn an_assertion_living_longer_than_five_minutes_is_refused() {
+    let app = spawn_app().await;
+    let client = register_client(&app, "system/Patient.rs").await;
+    let mut claims = client.claims();
+    claims["exp"] = json!(now() + 3600);
+    let res = request_token(&app, &client.sign(&claims), "system/Patient.rs").await;
+    oauth_error(res, 401, "invalid_client").await;
+}
+
+#[tokio::test]
+async fn an_assertion_without_jti_or_with_iss_other_than_sub_is_refused() {
+    let app = spawn_app().await;
+    let client = register_client(&app, "system/Patient.rs").await;
+    let mut claims = client.claims();
+    claims.as_object_mut().unwrap().remove("jti");
+    let res = request_token(&app, &client.sign(&claims), "system/Patient.rs").await;
+    oauth_error(res, 401, "invalid_client").await;
+    let mut claims = client.claims();
+    claims["sub"] = json!("someone-else");
+    let res = request_token(&app, &client.sign(&claims), "system/Patient.rs").await;
+    oauth_error(res, 401, "invalid_client").await;
+}
+
+#[tokio::test]
+async fn a_disabled_or_unknown_client_is_refused() {
+    let app = spawn_app().await;
+    let client = register_client(&app, "system/Patient.rs").await;
+    app.store
+        .set_client_status(&client.client_id, ClientStatus::Disabled)
+        .await
+        .unwrap();
+    let res = request_token(&app, &client.sign(&client.claims()), "system/Patient.rs").await;
+    oauth_error(res, 401, "invalid_client").await;
+
+    let mut claims = client.claims();
+    claims["iss"] = json!("no-such-client");
+    claims["sub"] = json!("no-such-client");
+    let res = request_token(&app, &client.sign(&claims), "system/Patient.rs").await;
+    oauth_error(res, 401, "invalid_client").await;
+}
+
+#[tokio::test]
+async fn scopes_outside_the_allowed_set_and_bad_grants_are_refused() {
+    let app = spawn_app().await;
+    let client = register_client(&app, "system/Patient.rs").await;
+    let res = request_token(&app, &client.sign(&client.claims()), "system/Claim.cruds").await;
+    oauth_error(res, 400, "invalid_scope").await;
+    let res = request_token(&app, &client.sign(&client.claims()), "system/Patient.zz").await;
+    oauth_error(res, 400, "invalid_scope").await;
+
+    let res = app
+        .client
+        .post(app.url("/auth/token"))
+        .form(&[("grant_type", "password"), ("scope", "system/Patient.rs")])
+        .send()
+        .await
+        .unwrap();
+    oauth_error(res, 400, "unsupported_grant_type").await;
+}
+
+#[tokio::test]
+async fn gated_fhir_routes_need_a_valid_bearer_token_and_metadata_stays_public() {
+    let app = spawn_app().await;
+    let res = app.get("/fhir/r4/Patient/123").await;
+    assert_eq!(res.status(), 401);
+    assert!(res.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .starts_with("Bearer"));
+    let outcome: Value = res.json().await.unwrap();
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+
+    let res = app
+        .client
+        .get(app.url("/fhir/r4/Patient/123"))
+        .bearer_auth("not-a-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+
+    let client = register_client(&app, "system/Patient.rs").await;
+    let token: Value = request_token(&app, &client.sign(&client.claims()), "system/Patient.rs")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let res = app
+        .client
+        .get(app.url("/fhir/r4/Patient/123"))
+        .bearer_auth(token["access_token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    // Past the gate: no Patient interaction is registered yet, so the FHIR 404.
+    assert_eq!(res.status(), 404);
+
+    assert_eq!(app.get("/fhir/r4/metadata").await.status(), 200);
+}
+
+#[tokio::test]
+async fn smart_configuration_is_published_at_the_root_and_under_the_fhir_base() {
+    let app = spawn_app().await;
+    for path in [
+        "/.well-known/smart-configuration",
+        "/fhir/r4/.well-known/smart-configuration",
+    ] {
+        let res = app.get(path).await;
+        assert_eq!(res.status(), 200, "{path}");
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(body["token_endpoint"], app.url("/auth/token"));
+        assert_eq!(
+            body["token_endpoint_auth_signing_alg_values_supported"],
+            json!(["RS384", "ES384"])
+        );
+        let caps = body["capabilities"].as_array().unwrap();
+        for cap in [
+            "client-confidential-asymmetric",
+            "permission-v1",
+            "permission-v2",
+        ] {
+            assert!(caps.contains(&json!(cap)), "{cap}");
+        }
+    }
+}
