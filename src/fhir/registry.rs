@@ -205,3 +205,77 @@ fn method_not_allowed(method: &Method, allow: &str) -> HttpResponse {
     }
     res
 }
+
+#[cfg(test)]
+mod tests {
+    use actix_web::middleware::from_fn;
+    use actix_web::{test, App, HttpMessage, HttpResponse};
+
+    use super::*;
+    use crate::domain::ResourceId;
+    use crate::gate::{Caller, Role, ScopeSet};
+
+    async fn ok() -> HttpResponse {
+        HttpResponse::Ok().finish()
+    }
+
+    fn api() -> FhirApi {
+        FhirApi::new().resource(
+            ResourceDef::new("Patient")
+                .interaction(Interaction::Read, ok)
+                .interaction(Interaction::Create, ok)
+                .interaction(Interaction::SearchType, ok),
+        )
+    }
+
+    /// Serves the registry as if authenticated with `scopes`.
+    async fn call(scopes: &'static str, req: test::TestRequest) -> u16 {
+        let app = test::init_service(App::new().configure(|cfg| api().configure(cfg)).wrap(
+            from_fn(
+                move |req: actix_web::dev::ServiceRequest, next: actix_web::middleware::Next<_>| {
+                    req.extensions_mut().insert(Caller {
+                        client_id: "c".into(),
+                        practice_id: ResourceId::parse("p", "p1").unwrap(),
+                        role: Role::ExternalSystem,
+                        scopes: ScopeSet::parse(scopes).unwrap(),
+                    });
+                    next.call(req)
+                },
+            ),
+        ))
+        .await;
+        test::call_service(&app, req.to_request())
+            .await
+            .status()
+            .as_u16()
+    }
+
+    #[actix_web::test]
+    async fn each_interaction_is_checked_against_its_own_permission() {
+        let read = || test::TestRequest::get().uri("/Patient/1");
+        let search_get = || test::TestRequest::get().uri("/Patient");
+        let search_post = || test::TestRequest::post().uri("/Patient/_search");
+        let create = || test::TestRequest::post().uri("/Patient");
+
+        assert_eq!(call("system/Patient.r", read()).await, 200);
+        assert_eq!(call("system/Patient.r", search_get()).await, 403);
+        assert_eq!(call("system/Patient.s", search_get()).await, 200);
+        assert_eq!(call("system/Patient.s", search_post()).await, 200);
+        assert_eq!(call("system/Patient.rs", create()).await, 403);
+        assert_eq!(call("system/Patient.c", create()).await, 200);
+        assert_eq!(call("system/Coverage.cruds", read()).await, 403);
+        assert_eq!(call("system/*.read", read()).await, 200);
+    }
+
+    #[actix_web::test]
+    async fn an_undeclared_method_is_405_with_the_declared_ones_in_allow() {
+        let app = test::init_service(App::new().configure(|cfg| api().configure(cfg))).await;
+        let res = test::call_service(
+            &app,
+            test::TestRequest::delete().uri("/Patient/1").to_request(),
+        )
+        .await;
+        assert_eq!(res.status(), 405);
+        assert_eq!(res.headers().get(header::ALLOW).unwrap(), "GET");
+    }
+}

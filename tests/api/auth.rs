@@ -333,3 +333,104 @@ async fn smart_configuration_is_published_at_the_root_and_under_the_fhir_base() 
         }
     }
 }
+
+/// Serves a JWKS document that the test can replace, like a client's key endpoint.
+async fn serve_jwks(initial: String) -> (String, std::sync::Arc<std::sync::Mutex<String>>) {
+    use actix_web::{web, App, HttpResponse, HttpServer};
+    let doc = std::sync::Arc::new(std::sync::Mutex::new(initial));
+    let shared = doc.clone();
+    let server = HttpServer::new(move || {
+        let doc = shared.clone();
+        App::new().route(
+            "/jwks.json",
+            web::get().to(move || {
+                let body = doc.lock().unwrap().clone();
+                async move {
+                    HttpResponse::Ok()
+                        .content_type("application/json")
+                        .body(body)
+                }
+            }),
+        )
+    })
+    .workers(1)
+    .bind("127.0.0.1:0")
+    .unwrap();
+    let url = format!("http://{}/jwks.json", server.addrs()[0]);
+    tokio::spawn(server.run());
+    (url, doc)
+}
+
+#[tokio::test]
+async fn a_jwks_url_is_fetched_and_refetched_when_the_client_rotates_to_a_new_kid() {
+    let app = spawn_app().await;
+    let client = register_client(&app, "system/Patient.rs").await;
+    let old = SigningKey::es384("url-key-1");
+    let (url, doc) = serve_jwks(SigningKey::jwks(&[&old])).await;
+    app.store
+        .set_client_keys(&client.client_id, &ClientKeys::url(&url).unwrap())
+        .await
+        .unwrap();
+
+    let res = request_token(
+        &app,
+        &sign_with(&old, &client.claims()),
+        "system/Patient.rs",
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+
+    // The client publishes a new key and signs with it: the cached set lacks the kid, so the
+    // gateway fetches the set again.
+    let new = SigningKey::es384("url-key-2");
+    *doc.lock().unwrap() = SigningKey::jwks(&[&new]);
+    let res = request_token(
+        &app,
+        &sign_with(&new, &client.claims()),
+        "system/Patient.rs",
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+
+    // The retired key no longer verifies.
+    let res = request_token(
+        &app,
+        &sign_with(&old, &client.claims()),
+        "system/Patient.rs",
+    )
+    .await;
+    oauth_error(res, 401, "invalid_client").await;
+}
+
+#[tokio::test]
+async fn an_rs384_assertion_is_accepted_too() {
+    use aws_lc_rs::encoding::AsDer;
+    use aws_lc_rs::rsa::{KeyPair as RsaKeyPair, KeySize, PublicKeyComponents};
+
+    let app = spawn_app().await;
+    let client = register_client(&app, "system/Patient.rs").await;
+    let pair = RsaKeyPair::generate(KeySize::Rsa2048).unwrap();
+    let pkcs8 = AsDer::<aws_lc_rs::encoding::Pkcs8V1Der>::as_der(&pair).unwrap();
+    let pem = format!(
+        "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+        base64::engine::general_purpose::STANDARD.encode(pkcs8.as_ref())
+    );
+    let components = PublicKeyComponents::<Vec<u8>>::from(pair.public_key());
+    let jwk = json!({
+        "kty": "RSA", "kid": "rsa-1", "alg": "RS384", "use": "sig",
+        "n": b64url(&components.n), "e": b64url(&components.e),
+    });
+    app.store
+        .set_client_keys(
+            &client.client_id,
+            &ClientKeys::inline(&json!({ "keys": [jwk] }).to_string()).unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut header = Header::new(Algorithm::RS384);
+    header.kid = Some("rsa-1".into());
+    let key = EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap();
+    let assertion = jsonwebtoken::encode(&header, &client.claims(), &key).unwrap();
+    let res = request_token(&app, &assertion, "system/Patient.rs").await;
+    assert_eq!(res.status(), 200);
+}

@@ -223,3 +223,84 @@ async fn serve_logs_json_with_the_request_id_and_finishes_in_flight_requests_on_
     assert_eq!(completed["status"], 200);
     assert!(lines.iter().any(|l| l["message"] == "shutdown complete"));
 }
+
+#[tokio::test]
+async fn clients_add_prints_the_client_id_and_refuses_an_unknown_practice() {
+    let (_db, url) = TestDb::create().await;
+    let out = run(fhirgate()
+        .args(["practices", "add", "--name", "Lakeside Therapy"])
+        .env("FHIRGATE_DATABASE_URL", url.expose()));
+    let practice: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let practice_id = practice["id"].as_str().unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(
+        &jwks,
+        crate::auth::SigningKey::jwks(&[&crate::auth::SigningKey::es384("k1")]),
+    )
+    .unwrap();
+    let out = run(fhirgate()
+        .args([
+            "clients",
+            "add",
+            "--practice",
+            practice_id,
+            "--name",
+            "Partner EHR",
+        ])
+        .arg("--jwks")
+        .arg(&jwks)
+        .args(["--scope", "system/Patient.rs system/Coverage.read"])
+        .env("FHIRGATE_DATABASE_URL", url.expose()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 1);
+    let client: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(!client["client_id"].as_str().unwrap().is_empty());
+    assert_eq!(client["practice_id"], practice_id);
+    assert_eq!(client["scope"], "system/Patient.rs system/Coverage.read");
+    assert_eq!(client["status"], "active");
+
+    let out = run(fhirgate()
+        .args([
+            "clients",
+            "disable",
+            "--client-id",
+            client["client_id"].as_str().unwrap(),
+        ])
+        .env("FHIRGATE_DATABASE_URL", url.expose()));
+    let disabled: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(disabled["status"], "disabled");
+
+    let out = run(fhirgate()
+        .args([
+            "clients",
+            "add",
+            "--practice",
+            "no-such-practice",
+            "--name",
+            "X",
+        ])
+        .arg("--jwks")
+        .arg(&jwks)
+        .env("FHIRGATE_DATABASE_URL", url.expose()));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("no such practice"));
+
+    let out = run(fhirgate()
+        .args([
+            "clients",
+            "add",
+            "--practice",
+            practice_id,
+            "--name",
+            "X",
+            "--jwks-url",
+            "https://x/j",
+        ])
+        .args(["--scope", "system/Patient.bogus"])
+        .env("FHIRGATE_DATABASE_URL", url.expose()));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--scope"));
+}
