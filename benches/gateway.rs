@@ -1,1 +1,549 @@
-fn main() {}
+//! Load benchmark: starts the real gateway in-process (as the tests do, through
+//! `Application::build`) on a fresh database and drives it with an in-process HTTP client at a
+//! fixed concurrency for a fixed time per scenario. Every scenario is reported beside `baseline`
+//! (`GET /healthz`: a constant body, no database), so the figures read as "what this endpoint
+//! costs over the bare HTTP stack" on whatever machine runs it.
+//!
+//! ```text
+//! cargo bench --bench gateway                 # every scenario
+//! cargo bench --bench gateway -- metadata     # baseline + scenarios whose name contains "metadata"
+//! ```
+//!
+//! Environment: `BENCH_SECONDS` (default 10, per scenario, after a 1 s warm-up),
+//! `BENCH_CONCURRENCY` (default 32 client tasks), `BENCH_JSON=path` (also write the figures as
+//! JSON), `FHIRGATE_BENCH_DATABASE_URL=postgres://...` (benchmark PostgreSQL: a database
+//! `fhirgate_bench_<uuid>` is created on that server and dropped afterwards).
+//!
+//! No tracing subscriber is installed, so nothing logs. The gateway runs in a temp working
+//! directory, so nothing it writes lands in the source tree. Client and server share the process
+//! and its CPUs; peak RSS is the whole process's (server, client, and the latency samples at four
+//! bytes a request).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fhirgate::config::Settings;
+use fhirgate::startup::Application;
+use reqwest::{Client, Method, RequestBuilder};
+
+const WARM_UP: Duration = Duration::from_secs(1);
+const DEFAULT_SECONDS: f64 = 10.0;
+const DEFAULT_CONCURRENCY: usize = 32;
+
+/// Adds what a request needs beyond its method and path (headers, a body).
+type Prepare = fn(RequestBuilder) -> RequestBuilder;
+
+/// One endpoint under load. Every request of a scenario is the same request.
+struct Scenario {
+    name: &'static str,
+    method: Method,
+    path: &'static str,
+    prepare: Option<Prepare>,
+}
+
+/// The scenarios, `baseline` first. A new scenario is one more entry here.
+fn scenarios() -> Vec<Scenario> {
+    vec![
+        Scenario {
+            name: "baseline",
+            method: Method::GET,
+            path: "/healthz",
+            prepare: None,
+        },
+        Scenario {
+            name: "metadata",
+            method: Method::GET,
+            path: "/fhir/r4/metadata",
+            prepare: Some(|req| req.header("accept", "application/fhir+json")),
+        },
+        Scenario {
+            name: "readyz",
+            method: Method::GET,
+            path: "/readyz",
+            prepare: None,
+        },
+    ]
+}
+
+struct BenchConfig {
+    concurrency: usize,
+    duration: Duration,
+    json_path: Option<PathBuf>,
+    filters: Vec<String>,
+}
+
+impl BenchConfig {
+    fn from_env_and_args() -> Result<Self, String> {
+        let concurrency = env_number("BENCH_CONCURRENCY", DEFAULT_CONCURRENCY)?;
+        let seconds = env_number("BENCH_SECONDS", DEFAULT_SECONDS)?;
+        if concurrency == 0 {
+            return Err("BENCH_CONCURRENCY must be at least 1".into());
+        }
+        if !(seconds > 0.0 && seconds.is_finite()) {
+            return Err("BENCH_SECONDS must be a positive number".into());
+        }
+        // cargo passes flags of its own (`--bench`); anything else is a scenario name filter.
+        let filters = std::env::args()
+            .skip(1)
+            .filter(|arg| !arg.starts_with('-'))
+            .collect();
+        Ok(Self {
+            concurrency,
+            duration: Duration::from_secs_f64(seconds),
+            // Absolute now: the bench runs in a temp working directory.
+            json_path: match std::env::var_os("BENCH_JSON").filter(|p| !p.is_empty()) {
+                Some(path) => Some(
+                    std::path::absolute(&path).map_err(|e| format!("BENCH_JSON={path:?}: {e}"))?,
+                ),
+                None => None,
+            },
+            filters,
+        })
+    }
+
+    fn selects(&self, scenario: &Scenario) -> bool {
+        scenario.name == "baseline"
+            || self.filters.is_empty()
+            || self
+                .filters
+                .iter()
+                .any(|f| scenario.name.contains(f.as_str()))
+    }
+}
+
+fn env_number<T: FromStr>(name: &str, default: T) -> Result<T, String> {
+    match std::env::var(name) {
+        Ok(value) if !value.trim().is_empty() => value
+            .trim()
+            .parse()
+            .map_err(|_| format!("{name}={value:?} is not a valid number")),
+        _ => Ok(default),
+    }
+}
+
+fn main() -> ExitCode {
+    let config = match BenchConfig::from_env_and_args() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("gateway bench: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let selected: Vec<Scenario> = scenarios()
+        .into_iter()
+        .filter(|s| config.selects(s))
+        .collect();
+    if selected.len() == 1 && !config.filters.is_empty() {
+        let names: Vec<&str> = scenarios().iter().map(|s| s.name).collect();
+        eprintln!(
+            "gateway bench: no scenario matches {:?}; known: {}",
+            config.filters,
+            names.join(", ")
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("start the tokio runtime");
+    runtime.block_on(run(config, selected))
+}
+
+async fn run(config: BenchConfig, scenarios: Vec<Scenario>) -> ExitCode {
+    // The gateway runs in a temp working directory: whatever it writes relative to it (the
+    // generated development master key in data/) stays out of the source tree and is removed.
+    let workdir = tempfile::tempdir().expect("create a temp working directory");
+    let original_dir = std::env::current_dir().expect("read the current directory");
+    std::env::set_current_dir(workdir.path()).expect("enter the temp working directory");
+    let db = BenchDatabase::create(workdir.path()).await;
+    let settings = Settings::from_toml(&format!(
+        "listen = '127.0.0.1:0'\nlog_level = 'warn'\ndatabase_url = {}\n",
+        toml_string(&db.url)
+    ))
+    .expect("bench settings are valid");
+    let http_workers = match settings.workers {
+        0 => available_cpus(),
+        n => n,
+    };
+    let app = Application::build(settings)
+        .await
+        .expect("the gateway starts on the bench database");
+    let base_url = format!("http://{}", app.local_addr());
+    let handle = app.handle();
+    let server = tokio::spawn(app.run_until_stopped());
+
+    println!(
+        "nproc={} concurrency={} duration={}s warmup={}s backend={} http_workers={} (client and server share the process)",
+        available_cpus(),
+        config.concurrency,
+        config.duration.as_secs_f64(),
+        WARM_UP.as_secs_f64(),
+        db.backend(),
+        http_workers,
+    );
+
+    let client = Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(config.concurrency)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("build the HTTP client");
+
+    let mut results = Vec::with_capacity(scenarios.len());
+    for scenario in &scenarios {
+        results.push(measure(&client, &base_url, scenario, &config).await);
+    }
+
+    handle.stop(true).await;
+    if let Ok(Err(err)) = server.await {
+        eprintln!("gateway bench: server stopped with an error: {err}");
+    }
+    let backend = db.backend();
+    db.drop_database().await;
+    let _ = std::env::set_current_dir(original_dir);
+    drop(workdir);
+
+    let report = Report::new(&config, backend, http_workers, results);
+    report.print_table();
+    if let Some(path) = &config.json_path {
+        let json = serde_json::to_string_pretty(&report).expect("the report serializes");
+        if let Err(err) = std::fs::write(path, json + "\n") {
+            eprintln!("gateway bench: cannot write {}: {err}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn available_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// A TOML basic string (the path or URL may hold quotes or backslashes).
+fn toml_string(value: &str) -> String {
+    format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// The database the gateway runs on for this bench: a SQLite file in the temp working
+/// directory, or a fresh PostgreSQL database on the server `FHIRGATE_BENCH_DATABASE_URL` names.
+struct BenchDatabase {
+    url: String,
+    /// For PostgreSQL: the server's URL and the database to drop at the end.
+    postgres: Option<(String, String)>,
+}
+
+impl BenchDatabase {
+    async fn create(workdir: &Path) -> Self {
+        match std::env::var("FHIRGATE_BENCH_DATABASE_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+        {
+            Some(admin_url) => {
+                let name = format!("fhirgate_bench_{}", uuid::Uuid::new_v4().simple());
+                let admin = sqlx::PgPool::connect(&admin_url)
+                    .await
+                    .expect("FHIRGATE_BENCH_DATABASE_URL reaches a PostgreSQL server");
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&admin)
+                    .await
+                    .expect("create the bench database");
+                admin.close().await;
+                let mut url = reqwest::Url::parse(&admin_url)
+                    .expect("FHIRGATE_BENCH_DATABASE_URL is a valid URL");
+                url.set_path(&format!("/{name}"));
+                Self {
+                    url: url.to_string(),
+                    postgres: Some((admin_url, name)),
+                }
+            }
+            None => Self {
+                url: format!("sqlite://{}/bench.db", workdir.display()),
+                postgres: None,
+            },
+        }
+    }
+
+    fn backend(&self) -> &'static str {
+        match self.postgres {
+            Some(_) => "postgres",
+            None => "sqlite",
+        }
+    }
+
+    /// Drops the PostgreSQL database (the server has closed its pool by now); a SQLite file
+    /// goes with the temp working directory.
+    async fn drop_database(self) {
+        if let Some((admin_url, name)) = &self.postgres {
+            match sqlx::PgPool::connect(admin_url).await {
+                Ok(admin) => {
+                    let dropped =
+                        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                            .execute(&admin)
+                            .await;
+                    if let Err(err) = dropped {
+                        eprintln!("gateway bench: cannot drop database {name}: {err}");
+                    }
+                    admin.close().await;
+                }
+                Err(err) => eprintln!("gateway bench: cannot drop database {name}: {err}"),
+            }
+        }
+    }
+}
+
+/// The request every worker of a scenario sends, shared between the worker tasks.
+struct Target {
+    method: Method,
+    url: String,
+    prepare: Option<Prepare>,
+}
+
+impl Target {
+    fn request(&self, client: &Client) -> RequestBuilder {
+        let req = client.request(self.method.clone(), &self.url);
+        match self.prepare {
+            Some(prepare) => prepare(req),
+            None => req,
+        }
+    }
+}
+
+/// What one worker saw: the latency of every response in microseconds, and its failures
+/// (non-2xx responses, unreadable bodies and transport errors).
+#[derive(Default)]
+struct Samples {
+    latencies_us: Vec<u32>,
+    errors: u64,
+    transport_errors: u64,
+}
+
+async fn measure(
+    client: &Client,
+    base_url: &str,
+    scenario: &Scenario,
+    config: &BenchConfig,
+) -> Measurement {
+    let target = Arc::new(Target {
+        method: scenario.method.clone(),
+        url: format!("{base_url}{}", scenario.path),
+        prepare: scenario.prepare,
+    });
+    drive(client, &target, config.concurrency, WARM_UP).await;
+
+    let rss_reset = reset_peak_rss();
+    let started = Instant::now();
+    let samples = drive(client, &target, config.concurrency, config.duration).await;
+    let elapsed = started.elapsed();
+    let peak_rss_mib = peak_rss_mib();
+
+    let mut latencies = samples.latencies_us;
+    latencies.sort_unstable();
+    let requests = latencies.len() as u64 + samples.transport_errors;
+    Measurement {
+        name: scenario.name,
+        method: scenario.method.to_string(),
+        path: scenario.path,
+        requests,
+        errors: samples.errors,
+        elapsed_s: elapsed.as_secs_f64(),
+        requests_per_sec: requests as f64 / elapsed.as_secs_f64(),
+        p50_ms: percentile_ms(&latencies, 50.0),
+        p99_ms: percentile_ms(&latencies, 99.0),
+        p999_ms: percentile_ms(&latencies, 99.9),
+        max_ms: latencies.last().map(|&us| f64::from(us) / 1000.0),
+        peak_rss_mib,
+        peak_rss_reset: rss_reset,
+        throughput_ratio: None,
+        p99_ratio: None,
+    }
+}
+
+/// Runs `concurrency` workers sending the target's request back to back for `duration`, and
+/// merges what they saw.
+async fn drive(
+    client: &Client,
+    target: &Arc<Target>,
+    concurrency: usize,
+    duration: Duration,
+) -> Samples {
+    let deadline = Instant::now() + duration;
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| tokio::spawn(worker(client.clone(), Arc::clone(target), deadline)))
+        .collect();
+    let mut merged = Samples::default();
+    for worker in workers {
+        let samples = worker.await.expect("a bench worker panicked");
+        merged.latencies_us.extend_from_slice(&samples.latencies_us);
+        merged.errors += samples.errors;
+        merged.transport_errors += samples.transport_errors;
+    }
+    merged
+}
+
+async fn worker(client: Client, target: Arc<Target>, deadline: Instant) -> Samples {
+    let mut samples = Samples::default();
+    while Instant::now() < deadline {
+        let started = Instant::now();
+        match target.request(&client).send().await {
+            Ok(response) => {
+                let success = response.status().is_success();
+                // The body is part of the request's cost, and the connection is only reused
+                // once it has been read.
+                let body = response.bytes().await;
+                let micros = started.elapsed().as_micros();
+                samples
+                    .latencies_us
+                    .push(u32::try_from(micros).unwrap_or(u32::MAX));
+                if !success || body.is_err() {
+                    samples.errors += 1;
+                }
+            }
+            Err(_) => {
+                samples.errors += 1;
+                samples.transport_errors += 1;
+            }
+        }
+    }
+    samples
+}
+
+/// Nearest-rank percentile of sorted microsecond samples, in milliseconds.
+fn percentile_ms(sorted_us: &[u32], percent: f64) -> Option<f64> {
+    if sorted_us.is_empty() {
+        return None;
+    }
+    let rank = (percent / 100.0 * sorted_us.len() as f64).ceil() as usize;
+    let index = rank.clamp(1, sorted_us.len()) - 1;
+    Some(f64::from(sorted_us[index]) / 1000.0)
+}
+
+/// Resets the kernel's peak-RSS counter (VmHWM) to the current RSS; false when not allowed.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// VmHWM from /proc/self/status, in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line
+        .trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+#[derive(serde::Serialize)]
+struct Measurement {
+    name: &'static str,
+    method: String,
+    path: &'static str,
+    requests: u64,
+    errors: u64,
+    elapsed_s: f64,
+    requests_per_sec: f64,
+    p50_ms: Option<f64>,
+    p99_ms: Option<f64>,
+    p999_ms: Option<f64>,
+    max_ms: Option<f64>,
+    peak_rss_mib: Option<f64>,
+    /// False when /proc/self/clear_refs could not be written: the peak is then since start.
+    peak_rss_reset: bool,
+    /// requests_per_sec / baseline's.
+    throughput_ratio: Option<f64>,
+    /// p99_ms / baseline's.
+    p99_ratio: Option<f64>,
+}
+
+#[derive(serde::Serialize)]
+struct Report {
+    nproc: usize,
+    concurrency: usize,
+    duration_s: f64,
+    warmup_s: f64,
+    backend: &'static str,
+    http_workers: usize,
+    scenarios: Vec<Measurement>,
+}
+
+impl Report {
+    fn new(
+        config: &BenchConfig,
+        backend: &'static str,
+        http_workers: usize,
+        mut scenarios: Vec<Measurement>,
+    ) -> Self {
+        let (base_rps, base_p99) = scenarios
+            .iter()
+            .find(|m| m.name == "baseline")
+            .map_or((None, None), |b| (Some(b.requests_per_sec), b.p99_ms));
+        let ratio = |value: Option<f64>, base: Option<f64>| match (value, base) {
+            (Some(v), Some(b)) if b > 0.0 => Some(v / b),
+            _ => None,
+        };
+        for m in &mut scenarios {
+            m.throughput_ratio = ratio(Some(m.requests_per_sec), base_rps);
+            m.p99_ratio = ratio(m.p99_ms, base_p99);
+        }
+        Self {
+            nproc: available_cpus(),
+            concurrency: config.concurrency,
+            duration_s: config.duration.as_secs_f64(),
+            warmup_s: WARM_UP.as_secs_f64(),
+            backend,
+            http_workers,
+            scenarios,
+        }
+    }
+
+    fn print_table(&self) {
+        let cell = |value: Option<f64>, decimals: usize| match value {
+            Some(v) => format!("{v:.decimals$}"),
+            None => "-".to_owned(),
+        };
+        let width = self
+            .scenarios
+            .iter()
+            .map(|m| m.name.len())
+            .max()
+            .unwrap_or(0)
+            .max("scenario".len());
+        println!(
+            "{:<width$}  {:>10}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  {:>7}  {:>8}",
+            "scenario",
+            "req/s",
+            "req/s÷b",
+            "p50 ms",
+            "p99 ms",
+            "p99÷b",
+            "p99.9 ms",
+            "max ms",
+            "errors",
+            "RSS MiB",
+        );
+        for m in &self.scenarios {
+            println!(
+                "{:<width$}  {:>10}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  {:>7}  {:>8}",
+                m.name,
+                cell(Some(m.requests_per_sec), 1),
+                cell(m.throughput_ratio, 2),
+                cell(m.p50_ms, 3),
+                cell(m.p99_ms, 3),
+                cell(m.p99_ratio, 2),
+                cell(m.p999_ms, 3),
+                cell(m.max_ms, 3),
+                m.errors,
+                cell(m.peak_rss_mib, 1),
+            );
+        }
+        println!("(÷b: ratio to baseline; RSS MiB: peak resident set of the whole process during the scenario)");
+        if self.scenarios.iter().any(|m| !m.peak_rss_reset) {
+            println!("note: /proc/self/clear_refs was not writable; RSS MiB is the peak since the process started");
+        }
+    }
+}

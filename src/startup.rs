@@ -10,6 +10,8 @@ use actix_web::dev::{Server, ServerHandle};
 use actix_web::middleware::from_fn;
 use actix_web::{web, App, HttpServer};
 
+use crate::audit::middleware::audit_request;
+use crate::audit::AuditLog;
 use crate::config::Settings;
 use crate::fhir::capability::{Capability, CapabilityError};
 use crate::fhir::{self, FhirApi};
@@ -27,6 +29,7 @@ pub struct AppState {
     pub metrics: Metrics,
     pub base_url: String,
     pub gate: GateState,
+    pub audit: AuditLog,
 }
 
 /// What the gate needs: the token issuer/verifier, the JWKS fetcher and the token URL that
@@ -57,6 +60,7 @@ pub struct Application {
     base_url: String,
     server: Server,
     store: Arc<dyn Store>,
+    audit_writer: tokio::task::JoinHandle<()>,
 }
 
 /// The FHIR API as registered today. Later resources are added here.
@@ -100,6 +104,7 @@ impl Application {
         let api = fhir_api();
         let capability = web::Data::new(Capability::build(&api, &base_url)?);
         let token_secret = master.derive_token_secret();
+        let (audit, audit_writer) = AuditLog::start(Arc::clone(&store));
         let state = web::Data::new(AppState {
             store: Arc::clone(&store),
             metrics: Metrics::new(),
@@ -113,6 +118,7 @@ impl Application {
                 token_url: format!("{base_url}/auth/token"),
             },
             base_url: base_url.clone(),
+            audit,
         });
 
         let mut server = HttpServer::new(move || {
@@ -121,7 +127,11 @@ impl Application {
                 .app_data(capability.clone())
                 .wrap(from_fn(observe))
                 .configure(ops::configure)
-                .route("/auth/token", web::post().to(token_endpoint::token))
+                .service(
+                    web::resource("/auth/token")
+                        .wrap(from_fn(audit_request))
+                        .route(web::post().to(token_endpoint::token)),
+                )
                 .route(
                     "/.well-known/smart-configuration",
                     web::get().to(smart::smart_configuration),
@@ -145,6 +155,7 @@ impl Application {
             base_url,
             server,
             store,
+            audit_writer,
         })
     }
 
@@ -173,6 +184,13 @@ impl Application {
     /// within `shutdown_timeout_secs`, then closes the database pool.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let result = self.server.await;
+        // The server's handles to the audit writer are gone with it: let it drain, then close.
+        if tokio::time::timeout(Duration::from_secs(10), self.audit_writer)
+            .await
+            .is_err()
+        {
+            tracing::error!("audit writer did not drain within 10 s");
+        }
         self.store.close().await;
         tracing::info!("shutdown complete");
         result

@@ -42,6 +42,9 @@ pub enum Command {
     /// Manage API clients (SMART backend-services clients of the FHIR API).
     #[command(subcommand)]
     Clients(ClientsCommand),
+    /// Verify and export the audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Exit 0 when the gateway at --url answers /healthz (for container health checks).
     Healthcheck {
         #[arg(long, default_value = "http://127.0.0.1:8080/healthz")]
@@ -91,6 +94,20 @@ pub enum ClientsCommand {
         client_id: String,
         #[command(flatten)]
         keys: KeySource,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Walk every hash chain; print one JSON line per chain; exit 1 naming the first broken link.
+    Verify,
+    /// Write a practice's audit events as NDJSON (hashes included, for independent verification).
+    Export {
+        #[arg(long)]
+        practice: String,
+        /// RFC 3339 time or YYYY-MM-DD (UTC); default: everything.
+        #[arg(long)]
+        since: Option<String>,
     },
 }
 
@@ -212,6 +229,7 @@ async fn dispatch(command: Command, settings: Settings) -> Result<(), CliError> 
         }
         Command::Practices(cmd) => practices(cmd, settings).await,
         Command::Clients(cmd) => clients(cmd, settings).await,
+        Command::Audit(cmd) => audit(cmd, settings).await,
         Command::Healthcheck { .. } => unreachable!("handled before loading settings"),
     }
 }
@@ -343,4 +361,93 @@ impl From<store::StoreError> for CliError {
             other => CliError::Failed(other.to_string()),
         }
     }
+}
+
+fn parse_since(value: &str) -> Result<time::OffsetDateTime, CliError> {
+    use time::format_description::well_known::Rfc3339;
+    if let Ok(t) = time::OffsetDateTime::parse(value, &Rfc3339) {
+        return Ok(t);
+    }
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    time::Date::parse(value, &format)
+        .map(|d| d.midnight().assume_utc())
+        .map_err(|_| CliError::Usage("--since: expected RFC 3339 time or YYYY-MM-DD".into()))
+}
+
+async fn audit(cmd: AuditCommand, settings: Settings) -> Result<(), CliError> {
+    const PAGE: i64 = 1000;
+    let export = match &cmd {
+        AuditCommand::Export { practice, since } => Some((
+            ResourceId::parse("practice", practice.as_str())
+                .map_err(|e| CliError::Usage(e.to_string()))?,
+            since
+                .as_deref()
+                .map(parse_since)
+                .transpose()?
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+        )),
+        AuditCommand::Verify => None,
+    };
+    let store = store::connect(&settings.database_url, &pool_options(&settings))
+        .await
+        .map_err(|e| CliError::Failed(e.to_string()))?;
+    let result = async {
+        match export {
+            Some((practice, since)) => {
+                use std::io::Write;
+                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                let mut after = 0;
+                loop {
+                    let page = store
+                        .audit_export_page(&practice, since, after, PAGE)
+                        .await?;
+                    for record in &page {
+                        let line = serde_json::to_string(record).unwrap_or_default();
+                        writeln!(out, "{line}").map_err(|e| CliError::Failed(e.to_string()))?;
+                    }
+                    match page.last() {
+                        Some(last) if page.len() as i64 == PAGE => after = last.chain_seq,
+                        _ => break,
+                    }
+                }
+                out.flush().map_err(|e| CliError::Failed(e.to_string()))?;
+                Ok(())
+            }
+            None => {
+                let mut broken = Vec::new();
+                for chain in store.audit_chains().await? {
+                    let mut verifier = crate::audit::chain::ChainVerifier::new(&chain);
+                    let mut after = 0;
+                    'pages: loop {
+                        let page = store.audit_chain_page(&chain, after, PAGE).await?;
+                        for record in &page {
+                            if !verifier.feed(record) {
+                                break 'pages;
+                            }
+                        }
+                        match page.last() {
+                            Some(last) if page.len() as i64 == PAGE => after = last.chain_seq,
+                            _ => break,
+                        }
+                    }
+                    let report = verifier.finish();
+                    print_json(&report);
+                    if let Some(link) = &report.first_broken {
+                        broken.push(format!(
+                            "chain {} broken at event {} (seq {}): {}",
+                            report.chain, link.id, link.chain_seq, link.reason
+                        ));
+                    }
+                }
+                if broken.is_empty() {
+                    Ok(())
+                } else {
+                    Err(CliError::Failed(broken.join("; ")))
+                }
+            }
+        }
+    }
+    .await;
+    store.close().await;
+    result
 }

@@ -11,6 +11,7 @@ pub mod registry;
 use actix_web::middleware::from_fn;
 use actix_web::{web, HttpRequest};
 
+use crate::audit::middleware::audit_request;
 use crate::gate::middleware::authenticate;
 use crate::gate::smart;
 
@@ -24,11 +25,12 @@ pub const FHIR_BASE: &str = "/fhir/r4";
 /// Mounts the FHIR API: negotiation, the registered resources, `metadata`, and OperationOutcome
 /// 404s for everything else under the base.
 pub fn configure(api: &FhirApi, cfg: &mut web::ServiceConfig) {
-    // Wrapped last runs first: negotiation (406), then authentication (401), then the
-    // per-interaction scope checks the registry attaches (403).
+    // Wrapped last runs first: the audit (which records whatever comes back), negotiation
+    // (406), authentication (401), then the per-interaction scope checks of the registry (403).
     let scope = web::scope(FHIR_BASE)
         .wrap(from_fn(authenticate))
         .wrap(from_fn(negotiate::negotiate))
+        .wrap(from_fn(audit_request))
         .route(
             "/.well-known/smart-configuration",
             web::get().to(smart::smart_configuration),

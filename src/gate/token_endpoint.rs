@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use actix_web::http::{header, StatusCode};
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
@@ -14,6 +14,7 @@ use serde_json::json;
 use super::access_token::unix_now;
 use super::clients::{ClientKeys, ClientStatus};
 use super::scopes::ScopeSet;
+use crate::audit::middleware::AuditActor;
 use crate::startup::AppState;
 use crate::store::StoreError;
 
@@ -213,6 +214,11 @@ async fn exchange(
         _ => return Err(OAuthError::client("iss and sub must both be the client id")),
     };
     let client = state.store.get_client(&client_id).await?;
+    req.extensions_mut().insert(AuditActor {
+        client_id: client.client_id.clone(),
+        practice_id: client.practice_id.clone(),
+        role: client.role.as_str(),
+    });
     if client.status != ClientStatus::Active {
         return Err(OAuthError::client("the client is disabled"));
     }

@@ -19,6 +19,11 @@ pub(crate) const SQLITE: Embedded = Embedded(&[
         "client_assertions",
         include_str!("../../migrations/sqlite/0002_client_assertions.sql"),
     ),
+    (
+        3,
+        "audit_chain",
+        include_str!("../../migrations/sqlite/0003_audit_chain.sql"),
+    ),
 ]);
 
 pub(crate) const POSTGRES: Embedded = Embedded(&[
@@ -31,6 +36,11 @@ pub(crate) const POSTGRES: Embedded = Embedded(&[
         2,
         "client_assertions",
         include_str!("../../migrations/postgres/0002_client_assertions.sql"),
+    ),
+    (
+        3,
+        "audit_chain",
+        include_str!("../../migrations/postgres/0003_audit_chain.sql"),
     ),
 ]);
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use crate::audit::{AuditRecord, NewAuditEvent};
 use crate::config::DatabaseUrl;
 use crate::domain::{NewPractice, Practice, ResourceId};
 use crate::gate::{ApiClient, ClientKeys, ClientStatus, NewApiClient};
@@ -149,6 +150,28 @@ pub trait Store: Send + Sync + 'static {
         expires_at: u64,
     ) -> Result<bool, StoreError>;
 
+    /// Appends events to their practices' hash chains in one transaction (heads locked in a
+    /// fixed order, so concurrent writers cannot deadlock or fork a chain).
+    async fn append_audit(&self, events: &[NewAuditEvent]) -> Result<usize, StoreError>;
+    /// Every chain that has events.
+    async fn audit_chains(&self) -> Result<Vec<String>, StoreError>;
+    /// Up to `limit` events of `chain` after `after_seq`, in chain order.
+    async fn audit_chain_page(
+        &self,
+        chain: &str,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<AuditRecord>, StoreError>;
+    /// Up to `limit` events of a practice recorded at or after `since`, in chain order after
+    /// `after_seq` (for paging an export).
+    async fn audit_export_page(
+        &self,
+        practice: &ResourceId,
+        since: time::OffsetDateTime,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<AuditRecord>, StoreError>;
+
     /// Closes the pool, waiting for connections in use to be returned.
     async fn close(&self);
 }
@@ -179,6 +202,25 @@ pub(crate) fn key_columns(keys: &ClientKeys) -> (Option<&str>, Option<&str>) {
 
 pub(crate) const CLIENT_COLUMNS: &str =
     "client_id, practice_id, name, role, scopes, jwks, jwks_url, status, created_at";
+
+pub(crate) const AUDIT_COLUMNS: &str = "id, chain, chain_seq, recorded_at, practice_id, action, \
+    outcome, status_code, actor_client_id, actor_role, resource_type, resource_id, patient_id, \
+    source_ip, user_agent, request_id, purpose_of_use, prev_hash, hash";
+
+/// The chains of a batch, sorted: heads are locked in this order by every writer.
+pub(crate) fn chains_of(events: &[NewAuditEvent]) -> Vec<String> {
+    let mut chains: Vec<String> = events
+        .iter()
+        .map(|e| {
+            e.practice_id
+                .as_ref()
+                .map_or(crate::audit::SYSTEM_CHAIN.to_owned(), ToString::to_string)
+        })
+        .collect();
+    chains.sort_unstable();
+    chains.dedup();
+    chains
+}
 
 /// The current time as stored: UTC with microsecond precision (what PostgreSQL keeps), so both
 /// backends return the same value for the same write.

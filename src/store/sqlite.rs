@@ -11,9 +11,15 @@ use sqlx::sqlite::{
 use sqlx::{Row, SqlitePool};
 
 use super::migrations::{MigrationStatus, SQLITE};
-use super::{key_columns, now, Backend, PoolOptions, PoolStats, Store, StoreError, CLIENT_COLUMNS};
+use super::{
+    chains_of, key_columns, now, Backend, PoolOptions, PoolStats, Store, StoreError, AUDIT_COLUMNS,
+    CLIENT_COLUMNS,
+};
+use crate::audit::chain::GENESIS;
+use crate::audit::{AuditRecord, NewAuditEvent, SYSTEM_CHAIN};
 use crate::domain::{new_resource_id, NewPractice, Practice, ResourceId};
 use crate::gate::{ApiClient, ClientKeys, ClientStatus, NewApiClient};
+use std::collections::HashMap;
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -79,6 +85,30 @@ fn client_from(row: &SqliteRow) -> Result<ApiClient, sqlx::Error> {
             ClientStatus::Disabled
         },
         created_at: row.try_get("created_at")?,
+    })
+}
+
+fn audit_from(row: &SqliteRow) -> Result<AuditRecord, sqlx::Error> {
+    Ok(AuditRecord {
+        id: row.try_get("id")?,
+        chain: row.try_get("chain")?,
+        chain_seq: row.try_get("chain_seq")?,
+        recorded_at: row.try_get("recorded_at")?,
+        practice_id: row.try_get("practice_id")?,
+        action: row.try_get("action")?,
+        outcome: row.try_get("outcome")?,
+        status_code: row.try_get("status_code")?,
+        actor_client_id: row.try_get("actor_client_id")?,
+        actor_role: row.try_get("actor_role")?,
+        resource_type: row.try_get("resource_type")?,
+        resource_id: row.try_get("resource_id")?,
+        patient_id: row.try_get("patient_id")?,
+        source_ip: row.try_get("source_ip")?,
+        user_agent: row.try_get("user_agent")?,
+        request_id: row.try_get("request_id")?,
+        purpose_of_use: row.try_get("purpose_of_use")?,
+        prev_hash: row.try_get("prev_hash")?,
+        hash: row.try_get("hash")?,
     })
 }
 
@@ -277,6 +307,129 @@ impl Store for SqliteStore {
         .rows_affected();
         tx.commit().await?;
         Ok(inserted == 1)
+    }
+
+    async fn append_audit(&self, events: &[NewAuditEvent]) -> Result<usize, StoreError> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let at = now();
+        let mut tx = self.pool.begin().await?;
+        let mut heads: HashMap<String, (i64, Vec<u8>)> = HashMap::new();
+        for chain in chains_of(events) {
+            let practice = (chain != SYSTEM_CHAIN).then_some(chain.as_str());
+            // A write first, so the transaction holds the write lock before it reads the head.
+            sqlx::query(
+                "INSERT INTO audit_chain_heads (chain, practice_id, last_seq, last_hash)
+                 VALUES (?1, ?2, 0, ?3) ON CONFLICT (chain) DO NOTHING",
+            )
+            .bind(&chain)
+            .bind(practice)
+            .bind(GENESIS.as_slice())
+            .execute(&mut *tx)
+            .await?;
+            let row =
+                sqlx::query("SELECT last_seq, last_hash FROM audit_chain_heads WHERE chain = ?1")
+                    .bind(&chain)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            heads.insert(chain, (row.try_get("last_seq")?, row.try_get("last_hash")?));
+        }
+        for event in events {
+            let chain = event
+                .practice_id
+                .as_ref()
+                .map_or(SYSTEM_CHAIN.to_owned(), ToString::to_string);
+            let head = heads
+                .get_mut(&chain)
+                .ok_or(StoreError::Conflict("audit chain head"))?;
+            let r = AuditRecord::next(event, head.0, &head.1, at);
+            sqlx::query(&format!(
+                "INSERT INTO audit_events ({AUDIT_COLUMNS}) VALUES
+                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
+            ))
+            .bind(&r.id)
+            .bind(&r.chain)
+            .bind(r.chain_seq)
+            .bind(r.recorded_at)
+            .bind(&r.practice_id)
+            .bind(&r.action)
+            .bind(&r.outcome)
+            .bind(r.status_code)
+            .bind(&r.actor_client_id)
+            .bind(&r.actor_role)
+            .bind(&r.resource_type)
+            .bind(&r.resource_id)
+            .bind(&r.patient_id)
+            .bind(&r.source_ip)
+            .bind(&r.user_agent)
+            .bind(&r.request_id)
+            .bind(&r.purpose_of_use)
+            .bind(&r.prev_hash)
+            .bind(&r.hash)
+            .execute(&mut *tx)
+            .await?;
+            *head = (r.chain_seq, r.hash);
+        }
+        for (chain, (seq, hash)) in &heads {
+            sqlx::query(
+                "UPDATE audit_chain_heads SET last_seq = ?1, last_hash = ?2 WHERE chain = ?3",
+            )
+            .bind(seq)
+            .bind(hash)
+            .bind(chain)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(events.len())
+    }
+
+    async fn audit_chains(&self) -> Result<Vec<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT DISTINCT chain FROM audit_events ORDER BY chain")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn audit_chain_page(
+        &self,
+        chain: &str,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit_events WHERE chain = ?1 AND chain_seq > ?2
+             ORDER BY chain_seq LIMIT ?3"
+        ))
+        .bind(chain)
+        .bind(after_seq)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(audit_from).collect::<Result<_, _>>()?)
+    }
+
+    async fn audit_export_page(
+        &self,
+        practice: &ResourceId,
+        since: time::OffsetDateTime,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit_events
+             WHERE chain = ?1 AND chain_seq > ?2 AND recorded_at >= ?3
+             ORDER BY chain_seq LIMIT ?4"
+        ))
+        .bind(practice.as_str())
+        .bind(after_seq)
+        .bind(since)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(audit_from).collect::<Result<_, _>>()?)
     }
 
     async fn close(&self) {

@@ -1,6 +1,7 @@
 //! Integration tests: the real gateway on a random port against a real database (SQLite, or
 //! PostgreSQL when FHIRGATE_TEST_POSTGRES_URL is set).
 
+mod audit;
 mod auth;
 mod binary;
 mod fhir_surface;

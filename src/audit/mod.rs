@@ -1,0 +1,159 @@
+//! The HIPAA audit trail (45 CFR 164.312(b)): one event for every request that reaches the gate,
+//! every outbound EHR call and every job run. Append-only and tamper-evident: each practice has a
+//! hash chain (`chain.rs`); PostgreSQL additionally refuses UPDATE/DELETE by trigger.
+//! An event holds ids, codes and network facts only, never a PHI value.
+
+pub mod chain;
+pub mod middleware;
+pub mod writer;
+
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use crate::domain::ResourceId;
+
+pub use chain::{verify_chain, ChainReport};
+pub use writer::{AuditError, AuditLog};
+
+/// What was done (the `action` of an event).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Read,
+    Vread,
+    Search,
+    History,
+    Create,
+    Update,
+    Delete,
+    Export,
+    Token,
+    Webhook,
+    Sync,
+    Push,
+    /// A request that reached the gate but names no known interaction (404s, 405s).
+    Access,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Read => "read",
+            Action::Vread => "vread",
+            Action::Search => "search",
+            Action::History => "history",
+            Action::Create => "create",
+            Action::Update => "update",
+            Action::Delete => "delete",
+            Action::Export => "export",
+            Action::Token => "token",
+            Action::Webhook => "webhook",
+            Action::Sync => "sync",
+            Action::Push => "push",
+            Action::Access => "access",
+        }
+    }
+}
+
+/// An event to record. The chain, sequence, time and hashes are assigned on append.
+#[derive(Debug, Clone, Default)]
+pub struct NewAuditEvent {
+    pub practice_id: Option<ResourceId>,
+    pub action: Option<Action>,
+    pub status_code: u16,
+    pub actor_client_id: Option<String>,
+    pub actor_role: Option<String>,
+    pub resource_type: Option<String>,
+    pub resource_id: Option<String>,
+    pub patient_id: Option<String>,
+    pub source_ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub request_id: Option<String>,
+    pub purpose_of_use: Option<String>,
+}
+
+/// `success` for 1xx-3xx, `failure` otherwise (the status code says which failure).
+pub fn outcome_of(status: u16) -> &'static str {
+    if status < 400 {
+        "success"
+    } else {
+        "failure"
+    }
+}
+
+/// The chain of events without a practice (e.g. a token request from an unknown client).
+pub const SYSTEM_CHAIN: &str = "-";
+
+/// An event as stored, with its place in its chain and its hashes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditRecord {
+    pub id: String,
+    pub chain: String,
+    pub chain_seq: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub recorded_at: OffsetDateTime,
+    pub practice_id: Option<String>,
+    pub action: String,
+    pub outcome: String,
+    pub status_code: i64,
+    pub actor_client_id: Option<String>,
+    pub actor_role: Option<String>,
+    pub resource_type: Option<String>,
+    pub resource_id: Option<String>,
+    pub patient_id: Option<String>,
+    pub source_ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub request_id: Option<String>,
+    pub purpose_of_use: Option<String>,
+    #[serde(serialize_with = "hex")]
+    pub prev_hash: Vec<u8>,
+    #[serde(serialize_with = "hex")]
+    pub hash: Vec<u8>,
+}
+
+fn hex<S: serde::Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    s.serialize_str(&out)
+}
+
+impl AuditRecord {
+    /// Builds the next record of a chain whose head is (`prev_seq`, `prev_hash`).
+    pub fn next(
+        event: &NewAuditEvent,
+        prev_seq: i64,
+        prev_hash: &[u8],
+        at: OffsetDateTime,
+    ) -> Self {
+        let chain = event
+            .practice_id
+            .as_ref()
+            .map_or(SYSTEM_CHAIN.to_owned(), |p| p.to_string());
+        let mut record = AuditRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            chain,
+            chain_seq: prev_seq + 1,
+            recorded_at: at,
+            practice_id: event.practice_id.as_ref().map(ToString::to_string),
+            action: event.action.unwrap_or(Action::Access).as_str().to_owned(),
+            outcome: outcome_of(event.status_code).to_owned(),
+            status_code: i64::from(event.status_code),
+            actor_client_id: event.actor_client_id.clone(),
+            actor_role: event.actor_role.clone(),
+            resource_type: event.resource_type.clone(),
+            resource_id: event.resource_id.clone(),
+            patient_id: event.patient_id.clone(),
+            source_ip: event.source_ip.clone(),
+            user_agent: event.user_agent.clone(),
+            request_id: event.request_id.clone(),
+            purpose_of_use: event.purpose_of_use.clone(),
+            prev_hash: prev_hash.to_vec(),
+            hash: Vec::new(),
+        };
+        record.hash = chain::hash_of(&record).to_vec();
+        record
+    }
+}

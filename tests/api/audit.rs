@@ -1,0 +1,282 @@
+//! The HIPAA audit trail: every request reaching the gate is recorded before its response, the
+//! per-practice hash chain verifies, tampering is detected (SQLite) or refused (PostgreSQL).
+
+use std::process::Command;
+
+use fhirgate::audit::{verify_chain, AuditRecord};
+use fhirgate::domain::ResourceId;
+use fhirgate::store::Backend;
+use serde_json::Value;
+
+use crate::auth::{register_client, request_token};
+use crate::helpers::{backend, spawn_app, TestApp};
+
+async fn chain(app: &TestApp, chain: &str) -> Vec<AuditRecord> {
+    app.store.audit_chain_page(chain, 0, 10_000).await.unwrap()
+}
+
+/// A practice's client, its token, and the practice id.
+async fn authenticated(app: &TestApp) -> (String, String) {
+    let client = register_client(app, "system/Patient.rs").await;
+    let res = request_token(app, &client.sign(&client.claims()), "system/Patient.rs").await;
+    let body: Value = res.json().await.unwrap();
+    let practice = app
+        .store
+        .get_client(&client.client_id)
+        .await
+        .unwrap()
+        .practice_id;
+    (
+        body["access_token"].as_str().unwrap().to_owned(),
+        practice.to_string(),
+    )
+}
+
+#[tokio::test]
+async fn every_gated_request_is_audited_before_its_response_without_phi() {
+    let app = spawn_app().await;
+    let (token, practice) = authenticated(&app).await;
+
+    // Answered only after the event is durable: read the trail right after each response.
+    let res = app
+        .client
+        .get(app.url("/fhir/r4/Patient/pat-1?name=Zebediah"))
+        .bearer_auth(&token)
+        .header("x-purpose-of-use", "TREAT")
+        .header("user-agent", "partner-ehr/1.0")
+        .send()
+        .await
+        .unwrap();
+    let request_id = res.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(res.status(), 404);
+    let events = chain(&app, &practice).await;
+    let actions: Vec<_> = events
+        .iter()
+        .map(|e| (e.action.as_str(), e.status_code))
+        .collect();
+    // No Patient interaction is registered yet, so the path names no resource: the event is an
+    // `access` whose type and id are not taken from the unmatched raw path.
+    assert_eq!(actions, [("token", 200), ("access", 404)]);
+    let read = &events[1];
+    assert_eq!(read.resource_type, None);
+    assert_eq!(read.resource_id, None);
+    assert_eq!(read.outcome, "failure");
+    assert_eq!(read.purpose_of_use.as_deref(), Some("TREAT"));
+    assert_eq!(read.user_agent.as_deref(), Some("partner-ehr/1.0"));
+    assert_eq!(read.request_id.as_deref(), Some(request_id.as_str()));
+    assert_eq!(read.source_ip.as_deref(), Some("127.0.0.1"));
+    assert!(read.actor_client_id.is_some());
+    assert_eq!(read.actor_role.as_deref(), Some("external_system"));
+
+    // A request without a token belongs to no practice: the system chain.
+    let res = app.get("/fhir/r4/Coverage?patient=Zebediah").await;
+    assert_eq!(res.status(), 401);
+    let system = chain(&app, "-").await;
+    assert_eq!(system.len(), 1);
+    assert_eq!(system[0].action, "access");
+    assert_eq!(system[0].status_code, 401);
+    assert!(system[0].actor_client_id.is_none());
+
+    let all = serde_json::to_string(&[events, system].concat()).unwrap();
+    assert!(
+        !all.contains("Zebediah"),
+        "PHI from the query string reached the audit trail"
+    );
+
+    // The public documents are not PHI access and are not audited.
+    app.get("/fhir/r4/metadata").await;
+    assert_eq!(chain(&app, &practice).await.len(), 2);
+}
+
+#[tokio::test]
+async fn refused_token_requests_are_audited_against_the_client_practice() {
+    let app = spawn_app().await;
+    let client = register_client(&app, "system/Patient.rs").await;
+    let mut claims = client.claims();
+    claims["aud"] = "https://elsewhere.example/token".into();
+    let res = request_token(&app, &client.sign(&claims), "system/Patient.rs").await;
+    assert_eq!(res.status(), 401);
+    let practice = app
+        .store
+        .get_client(&client.client_id)
+        .await
+        .unwrap()
+        .practice_id;
+    let events = chain(&app, practice.as_str()).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].action, "token");
+    assert_eq!(events[0].status_code, 401);
+    assert_eq!(
+        events[0].actor_client_id.as_deref(),
+        Some(client.client_id.as_str())
+    );
+}
+
+#[tokio::test]
+async fn concurrent_requests_extend_the_chain_without_gaps_or_forks() {
+    let app = spawn_app().await;
+    let (token, practice) = authenticated(&app).await;
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let client = app.client.clone();
+        let url = app.url(&format!("/fhir/r4/Patient/p{i}"));
+        let token = token.clone();
+        tasks.push(tokio::spawn(async move {
+            client
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 404);
+    }
+    let events = chain(&app, &practice).await;
+    assert_eq!(events.len(), 61);
+    let report = verify_chain(&practice, &events);
+    assert!(report.ok, "{report:?}");
+}
+
+fn fhirgate(app: &TestApp, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_fhirgate"))
+        .args(args)
+        .env("FHIRGATE_DATABASE_URL", app.database_url.expose())
+        .env(
+            "FHIRGATE_MASTER_KEY",
+            format!("test1:{}", "A".repeat(43) + "="),
+        )
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn audit_verify_detects_an_edit_and_postgres_refuses_it() {
+    let app = spawn_app().await;
+    let (token, practice) = authenticated(&app).await;
+    for i in 0..3 {
+        app.client
+            .get(app.url(&format!("/fhir/r4/Patient/p{i}")))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+    }
+    let out = fhirgate(&app, &["audit", "verify"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["chain"], practice.as_str());
+    assert_eq!(report["events"], 4);
+    assert_eq!(report["ok"], true);
+
+    let tamper = "UPDATE audit_events SET status_code = 200 WHERE chain = $1 AND chain_seq = 3";
+    match backend() {
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(app.database_url.expose())
+                .await
+                .unwrap();
+            sqlx::query(tamper)
+                .bind(&practice)
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+            let out = fhirgate(&app, &["audit", "verify"]);
+            assert_eq!(out.status.code(), Some(1));
+            let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(report["ok"], false);
+            assert_eq!(report["first_broken"]["chain_seq"], 3);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains("seq 3"), "{stderr}");
+        }
+        Backend::Postgres => {
+            // Even the superuser the gateway connects as cannot change or remove an event.
+            let pool = sqlx::PgPool::connect(app.database_url.expose())
+                .await
+                .unwrap();
+            assert!(sqlx::query(tamper)
+                .bind(&practice)
+                .execute(&pool)
+                .await
+                .is_err());
+            assert!(sqlx::query("DELETE FROM audit_events")
+                .execute(&pool)
+                .await
+                .is_err());
+            assert!(sqlx::query("TRUNCATE audit_events")
+                .execute(&pool)
+                .await
+                .is_err());
+            pool.close().await;
+            assert!(fhirgate(&app, &["audit", "verify"]).status.success());
+        }
+    }
+}
+
+#[tokio::test]
+async fn audit_export_writes_the_practice_events_as_verifiable_ndjson() {
+    let app = spawn_app().await;
+    let (token, practice) = authenticated(&app).await;
+    app.client
+        .get(app.url("/fhir/r4/Patient/p1"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    let out = fhirgate(
+        &app,
+        &[
+            "audit",
+            "export",
+            "--practice",
+            &practice,
+            "--since",
+            "2020-01-01",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines.iter().all(|l| l["practice_id"] == practice.as_str()));
+    assert_eq!(lines[1]["prev_hash"], lines[0]["hash"]);
+
+    let future = fhirgate(
+        &app,
+        &[
+            "audit",
+            "export",
+            "--practice",
+            &practice,
+            "--since",
+            "2999-01-01",
+        ],
+    );
+    assert!(future.stdout.is_empty());
+    let bad = fhirgate(
+        &app,
+        &[
+            "audit",
+            "export",
+            "--practice",
+            &practice,
+            "--since",
+            "yesterday",
+        ],
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    let _ = ResourceId::parse("p", practice).unwrap();
+}
