@@ -49,6 +49,7 @@ pub struct Settings {
     /// File holding the master key spec, used when `master_key` is empty.
     pub master_key_file: String,
     pub access_token_lifetime_secs: u64,
+    pub rate_limit: crate::gate::rate_limit::RateLimitSettings,
 }
 
 /// A secret setting: redacted whenever displayed.
@@ -195,6 +196,9 @@ impl Settings {
                 "access_token_lifetime_secs",
                 "must be between 1 and 3600",
             ));
+        }
+        if let Err((key, reason)) = self.rate_limit.validate() {
+            return Err(bad(key, reason));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
             return Err(bad("log_level", "is not a valid tracing filter directive"));

@@ -16,6 +16,7 @@ use crate::config::Settings;
 use crate::fhir::capability::{Capability, CapabilityError};
 use crate::fhir::{self, FhirApi};
 use crate::gate::clients::JwksFetcher;
+use crate::gate::rate_limit::{limit_token, RateLimits};
 use crate::gate::{smart, token_endpoint, AccessTokens};
 use crate::http::observe::observe;
 use crate::http::ApiError;
@@ -30,6 +31,7 @@ pub struct AppState {
     pub base_url: String,
     pub gate: GateState,
     pub audit: AuditLog,
+    pub rate_limits: Arc<RateLimits>,
 }
 
 /// What the gate needs: the token issuer/verifier, the JWKS fetcher and the token URL that
@@ -105,6 +107,11 @@ impl Application {
         let capability = web::Data::new(Capability::build(&api, &base_url)?);
         let token_secret = master.derive_token_secret();
         let (audit, audit_writer) = AuditLog::start(Arc::clone(&store));
+        let rate_limits = Arc::new(RateLimits::new(&settings.rate_limit));
+        spawn_eviction(
+            Arc::downgrade(&rate_limits),
+            settings.rate_limit.window_secs,
+        );
         let state = web::Data::new(AppState {
             store: Arc::clone(&store),
             metrics: Metrics::new(),
@@ -119,6 +126,7 @@ impl Application {
             },
             base_url: base_url.clone(),
             audit,
+            rate_limits: Arc::clone(&rate_limits),
         });
 
         let mut server = HttpServer::new(move || {
@@ -129,6 +137,7 @@ impl Application {
                 .configure(ops::configure)
                 .service(
                     web::resource("/auth/token")
+                        .wrap(from_fn(limit_token))
                         .wrap(from_fn(audit_request))
                         .route(web::post().to(token_endpoint::token)),
                 )
@@ -195,6 +204,21 @@ impl Application {
         tracing::info!("shutdown complete");
         result
     }
+}
+
+/// Evicts stale rate-limit keys once a window, for as long as the limits are alive.
+fn spawn_eviction(limits: std::sync::Weak<RateLimits>, window_secs: u64) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(window_secs.max(1)));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            match limits.upgrade() {
+                Some(limits) => limits.evict_stale(),
+                None => break,
+            }
+        }
+    });
 }
 
 async fn not_found() -> Result<actix_web::HttpResponse, ApiError> {

@@ -51,7 +51,7 @@ fn is_public(path: &str) -> bool {
 }
 
 /// Action, resource type and id from the matched route template.
-fn classify(pattern: Option<&str>, method: &Method, id: Option<&str>) -> (Action, Option<String>) {
+pub(crate) fn classify(pattern: Option<&str>, method: &Method) -> (Action, Option<String>) {
     let Some(pattern) = pattern else {
         return (Action::Access, None);
     };
@@ -73,7 +73,7 @@ fn classify(pattern: Option<&str>, method: &Method, id: Option<&str>) -> (Action
     let action = match (segments.as_slice(), method) {
         ([_], &Method::GET) | ([_, "_search"], &Method::POST) => Action::Search,
         ([_], &Method::POST) => Action::Create,
-        ([_, _], &Method::GET) if id.is_some() => Action::Read,
+        ([_, id], &Method::GET) if id.starts_with('{') => Action::Read,
         ([_, _], &Method::PUT) | ([_, _], &Method::PATCH) => Action::Update,
         ([_, _], &Method::DELETE) => Action::Delete,
         ([_, "_history"], _) | ([_, _, "_history"], _) => Action::History,
@@ -119,7 +119,7 @@ pub async fn audit_request(
         .and_then(|id| ResourceId::parse("id", id).ok())
         .map(|id| id.to_string());
     let pattern = request.match_pattern();
-    let (action, resource_type) = classify(pattern.as_deref(), &method, id.as_deref());
+    let (action, resource_type) = classify(pattern.as_deref(), &method);
     let mut event = NewAuditEvent {
         action: Some(action),
         status_code: res.status().as_u16(),
@@ -159,7 +159,7 @@ mod tests {
 
     #[test]
     fn interactions_are_classified_from_the_route_template() {
-        let c = |p: &str, m: Method, id: Option<&str>| classify(Some(p), &m, id).0;
+        let c = |p: &str, m: Method, _id: Option<&str>| classify(Some(p), &m).0;
         assert_eq!(
             c("/fhir/r4/Patient/{id}", Method::GET, Some("1")),
             Action::Read
@@ -192,6 +192,10 @@ mod tests {
         );
         assert_eq!(c("/fhir/r4/$export", Method::GET, None), Action::Export);
         assert_eq!(c("/auth/token", Method::POST, None), Action::Token);
-        assert_eq!(classify(None, &Method::GET, None).0, Action::Access);
+        assert_eq!(
+            c("/fhir/r4/Patient/_history", Method::GET, None),
+            Action::History
+        );
+        assert_eq!(classify(None, &Method::GET).0, Action::Access);
     }
 }

@@ -13,6 +13,7 @@ use actix_web::{web, HttpRequest};
 
 use crate::audit::middleware::audit_request;
 use crate::gate::middleware::authenticate;
+use crate::gate::rate_limit::limit_request;
 use crate::gate::smart;
 
 use crate::http::ApiError;
@@ -26,8 +27,10 @@ pub const FHIR_BASE: &str = "/fhir/r4";
 /// 404s for everything else under the base.
 pub fn configure(api: &FhirApi, cfg: &mut web::ServiceConfig) {
     // Wrapped last runs first: the audit (which records whatever comes back), negotiation
-    // (406), authentication (401), then the per-interaction scope checks of the registry (403).
+    // (406), authentication (401), rate limits (429), then the per-interaction scope checks of
+    // the registry (403).
     let scope = web::scope(FHIR_BASE)
+        .wrap(from_fn(limit_request))
         .wrap(from_fn(authenticate))
         .wrap(from_fn(negotiate::negotiate))
         .wrap(from_fn(audit_request))

@@ -5,6 +5,7 @@
 pub mod access_token;
 pub mod clients;
 pub mod middleware;
+pub mod rate_limit;
 pub mod scopes;
 pub mod smart;
 pub mod token_endpoint;

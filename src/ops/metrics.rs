@@ -19,6 +19,7 @@ pub struct Metrics {
     pool_size: IntGauge,
     pool_idle: IntGauge,
     pool_max: IntGauge,
+    rate_limited: IntCounterVec,
 }
 
 impl Metrics {
@@ -51,8 +52,14 @@ impl Metrics {
             .expect("valid metric");
         let pool_max = IntGauge::new("db_pool_max_connections", "Database pool size limit")
             .expect("valid metric");
+        let rate_limited = IntCounterVec::new(
+            Opts::new("rate_limited_total", "Requests refused with 429, by quota"),
+            &["quota"],
+        )
+        .expect("valid metric");
         for collector in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(rate_limited.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(requests.clone()),
             Box::new(latency.clone()),
             Box::new(pool_size.clone()),
             Box::new(pool_idle.clone()),
@@ -69,7 +76,13 @@ impl Metrics {
             pool_size,
             pool_idle,
             pool_max,
+            rate_limited,
         }
+    }
+
+    /// `quota` is a policy name (`client`, `practice`, `global`, `token`), never a key.
+    pub fn observe_rate_limited(&self, quota: &str) {
+        self.rate_limited.with_label_values(&[quota]).inc();
     }
 
     pub fn observe_request(&self, route: &str, method: &str, status: u16, elapsed: Duration) {

@@ -7,4 +7,5 @@ mod binary;
 mod fhir_surface;
 mod helpers;
 mod operations;
+mod rate_limits;
 mod storage;
