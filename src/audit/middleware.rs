@@ -13,6 +13,7 @@ use actix_web::{web, Error, HttpMessage, ResponseError};
 use super::{Action, NewAuditEvent};
 use crate::domain::ResourceId;
 use crate::fhir::FHIR_BASE;
+use crate::gate::middleware::is_public;
 use crate::gate::Caller;
 use crate::http::observe::RequestId;
 use crate::http::ApiError;
@@ -45,10 +46,6 @@ const PURPOSES: &[&str] = &[
     "HQUALIMP",
     "LABELING",
 ];
-
-fn is_public(path: &str) -> bool {
-    path.ends_with("/metadata") || path.ends_with("/.well-known/smart-configuration")
-}
 
 /// Action, resource type and id from the matched route template.
 pub(crate) fn classify(pattern: Option<&str>, method: &Method) -> (Action, Option<String>) {

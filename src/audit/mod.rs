@@ -72,6 +72,15 @@ pub struct NewAuditEvent {
     pub purpose_of_use: Option<String>,
 }
 
+impl NewAuditEvent {
+    /// The hash chain the event belongs to: its practice's, or the system chain.
+    pub fn chain(&self) -> String {
+        self.practice_id
+            .as_ref()
+            .map_or(SYSTEM_CHAIN.to_owned(), ToString::to_string)
+    }
+}
+
 /// `success` for 1xx-3xx, `failure` otherwise (the status code says which failure).
 pub fn outcome_of(status: u16) -> &'static str {
     if status < 400 {
@@ -128,13 +137,9 @@ impl AuditRecord {
         prev_hash: &[u8],
         at: OffsetDateTime,
     ) -> Self {
-        let chain = event
-            .practice_id
-            .as_ref()
-            .map_or(SYSTEM_CHAIN.to_owned(), |p| p.to_string());
         let mut record = AuditRecord {
             id: uuid::Uuid::new_v4().to_string(),
-            chain,
+            chain: event.chain(),
             chain_seq: prev_seq + 1,
             recorded_at: at,
             practice_id: event.practice_id.as_ref().map(ToString::to_string),

@@ -13,7 +13,7 @@ use crate::startup::AppState;
 
 /// Paths under a gated scope that stay public: the CapabilityStatement and SMART discovery
 /// (FHIR and SMART require both to be readable before authenticating).
-fn is_public(path: &str) -> bool {
+pub(crate) fn is_public(path: &str) -> bool {
     path.ends_with("/metadata") || path.ends_with("/.well-known/smart-configuration")
 }
 

@@ -209,14 +209,7 @@ pub(crate) const AUDIT_COLUMNS: &str = "id, chain, chain_seq, recorded_at, pract
 
 /// The chains of a batch, sorted: heads are locked in this order by every writer.
 pub(crate) fn chains_of(events: &[NewAuditEvent]) -> Vec<String> {
-    let mut chains: Vec<String> = events
-        .iter()
-        .map(|e| {
-            e.practice_id
-                .as_ref()
-                .map_or(crate::audit::SYSTEM_CHAIN.to_owned(), ToString::to_string)
-        })
-        .collect();
+    let mut chains: Vec<String> = events.iter().map(NewAuditEvent::chain).collect();
     chains.sort_unstable();
     chains.dedup();
     chains

@@ -342,10 +342,7 @@ impl Store for PgStore {
             heads.insert(chain, (row.try_get("last_seq")?, row.try_get("last_hash")?));
         }
         for event in events {
-            let chain = event
-                .practice_id
-                .as_ref()
-                .map_or(SYSTEM_CHAIN.to_owned(), ToString::to_string);
+            let chain = event.chain();
             let head = heads
                 .get_mut(&chain)
                 .ok_or(StoreError::Conflict("audit chain head"))?;
