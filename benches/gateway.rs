@@ -159,7 +159,9 @@ async fn run(config: BenchConfig, scenarios: Vec<Scenario>) -> ExitCode {
     std::env::set_current_dir(workdir.path()).expect("enter the temp working directory");
     let db = BenchDatabase::create(workdir.path()).await;
     let settings = Settings::from_toml(&format!(
-        "listen = '127.0.0.1:0'\nlog_level = 'warn'\ndatabase_url = {}\n",
+        // A fixed bench-only master key, so no development key is generated.
+        "listen = '127.0.0.1:0'\nlog_level = 'warn'\ndatabase_url = {}\n\
+         master_key = 'bench1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA='\n",
         toml_string(&db.url)
     ))
     .expect("bench settings are valid");
