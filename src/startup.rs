@@ -67,7 +67,7 @@ pub struct Application {
 
 /// The FHIR API as registered today. Later resources are added here.
 pub fn fhir_api() -> FhirApi {
-    FhirApi::new()
+    FhirApi::new().resource(fhir::audit_event::resource())
 }
 
 pub fn pool_options(settings: &Settings) -> PoolOptions {

@@ -4,6 +4,7 @@
 //! Models come from fhir-sdk's R4B module, which is wire-compatible with R4 for the resources the
 //! gateway serves; differences that matter are noted where they bite (see README, "FHIR notes").
 
+pub mod audit_event;
 pub mod capability;
 pub mod negotiate;
 pub mod registry;

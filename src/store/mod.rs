@@ -172,6 +172,16 @@ pub trait Store: Send + Sync + 'static {
         limit: i64,
     ) -> Result<Vec<AuditRecord>, StoreError>;
 
+    /// One audit event of a practice (another practice's event is `NotFound`).
+    async fn get_audit_event(
+        &self,
+        practice: &ResourceId,
+        id: &str,
+    ) -> Result<AuditRecord, StoreError>;
+    /// Audit events of one practice matching `query`, in chain order, with the total count.
+    async fn search_audit(&self, query: &AuditQuery)
+        -> Result<(Vec<AuditRecord>, i64), StoreError>;
+
     /// Closes the pool, waiting for connections in use to be returned.
     async fn close(&self);
 }
@@ -191,6 +201,28 @@ pub async fn connect(
         )))
     }
 }
+
+/// A search of one practice's audit events. `actions` is a comma-separated list (empty: all).
+#[derive(Debug, Clone)]
+pub struct AuditQuery {
+    pub practice: ResourceId,
+    /// Inclusive lower bound of `recorded_at`.
+    pub since: Option<time::OffsetDateTime>,
+    /// Exclusive upper bound of `recorded_at`.
+    pub until: Option<time::OffsetDateTime>,
+    pub patient: Option<String>,
+    pub agent: Option<String>,
+    pub actions: Option<String>,
+    pub after_seq: i64,
+    pub limit: i64,
+}
+
+/// The WHERE clause of an audit search, with `?N` placeholders in bind order: practice, since,
+/// until, patient, agent, actions.
+pub(crate) const AUDIT_FILTER: &str = "chain = ?1
+    AND (?2 IS NULL OR recorded_at >= ?2) AND (?3 IS NULL OR recorded_at < ?3)
+    AND (?4 IS NULL OR patient_id = ?4) AND (?5 IS NULL OR actor_client_id = ?5)
+    AND (?6 IS NULL OR instr(',' || ?6 || ',', ',' || action || ',') > 0)";
 
 /// Splits client keys into the (jwks, jwks_url) columns.
 pub(crate) fn key_columns(keys: &ClientKeys) -> (Option<&str>, Option<&str>) {

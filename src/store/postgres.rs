@@ -9,8 +9,8 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use super::migrations::{MigrationStatus, POSTGRES};
 use super::{
-    chains_of, key_columns, now, Backend, PoolOptions, PoolStats, Store, StoreError, AUDIT_COLUMNS,
-    CLIENT_COLUMNS,
+    chains_of, key_columns, now, AuditQuery, Backend, PoolOptions, PoolStats, Store, StoreError,
+    AUDIT_COLUMNS, AUDIT_FILTER, CLIENT_COLUMNS,
 };
 use crate::audit::chain::GENESIS;
 use crate::audit::{AuditRecord, NewAuditEvent, SYSTEM_CHAIN};
@@ -115,6 +115,22 @@ fn audit_from(row: &PgRow) -> Result<AuditRecord, sqlx::Error> {
         prev_hash: row.try_get("prev_hash")?,
         hash: row.try_get("hash")?,
     })
+}
+
+/// [`AUDIT_FILTER`] for PostgreSQL: numbered `$N` parameters, typed where PostgreSQL cannot
+/// infer a type from `$N IS NULL`, and `strpos` for SQLite's `instr`.
+fn pg_audit_filter() -> String {
+    AUDIT_FILTER
+        .replace("?2 IS NULL", "$2::timestamptz IS NULL")
+        .replace("?3 IS NULL", "$3::timestamptz IS NULL")
+        .replace("?4 IS NULL", "$4::text IS NULL")
+        .replace("?5 IS NULL", "$5::text IS NULL")
+        .replace("?6 IS NULL", "$6::text IS NULL")
+        .replace(
+            "instr(',' || ?6 || ',', ',' || action || ',')",
+            "strpos(',' || $6 || ',', ',' || action || ',')",
+        )
+        .replace('?', "$")
 }
 
 const PRACTICE_COLUMNS: &str = "id, name, timezone, npi, tax_id, created_at";
@@ -433,6 +449,57 @@ impl Store for PgStore {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.iter().map(audit_from).collect::<Result<_, _>>()?)
+    }
+
+    async fn get_audit_event(
+        &self,
+        practice: &ResourceId,
+        id: &str,
+    ) -> Result<AuditRecord, StoreError> {
+        let mut tx = self.begin_tenant(practice).await?;
+        let row = sqlx::query(&format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit_events WHERE chain = $1 AND id = $2"
+        ))
+        .bind(practice.as_str())
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(audit_from(&row)?)
+    }
+
+    async fn search_audit(&self, q: &AuditQuery) -> Result<(Vec<AuditRecord>, i64), StoreError> {
+        let filter = pg_audit_filter();
+        let mut tx = self.begin_tenant(&q.practice).await?;
+        let total: i64 =
+            sqlx::query_scalar(&format!("SELECT count(*) FROM audit_events WHERE {filter}"))
+                .bind(q.practice.as_str())
+                .bind(q.since)
+                .bind(q.until)
+                .bind(&q.patient)
+                .bind(&q.agent)
+                .bind(&q.actions)
+                .fetch_one(&mut *tx)
+                .await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit_events WHERE {filter} AND chain_seq > $7
+             ORDER BY chain_seq LIMIT $8"
+        ))
+        .bind(q.practice.as_str())
+        .bind(q.since)
+        .bind(q.until)
+        .bind(&q.patient)
+        .bind(&q.agent)
+        .bind(&q.actions)
+        .bind(q.after_seq)
+        .bind(q.limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok((
+            rows.iter().map(audit_from).collect::<Result<_, _>>()?,
+            total,
+        ))
     }
 
     async fn close(&self) {

@@ -12,8 +12,8 @@ use sqlx::{Row, SqlitePool};
 
 use super::migrations::{MigrationStatus, SQLITE};
 use super::{
-    chains_of, key_columns, now, Backend, PoolOptions, PoolStats, Store, StoreError, AUDIT_COLUMNS,
-    CLIENT_COLUMNS,
+    chains_of, key_columns, now, AuditQuery, Backend, PoolOptions, PoolStats, Store, StoreError,
+    AUDIT_COLUMNS, AUDIT_FILTER, CLIENT_COLUMNS,
 };
 use crate::audit::chain::GENESIS;
 use crate::audit::{AuditRecord, NewAuditEvent, SYSTEM_CHAIN};
@@ -427,6 +427,53 @@ impl Store for SqliteStore {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.iter().map(audit_from).collect::<Result<_, _>>()?)
+    }
+
+    async fn get_audit_event(
+        &self,
+        practice: &ResourceId,
+        id: &str,
+    ) -> Result<AuditRecord, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit_events WHERE chain = ?1 AND id = ?2"
+        ))
+        .bind(practice.as_str())
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(audit_from(&row)?)
+    }
+
+    async fn search_audit(&self, q: &AuditQuery) -> Result<(Vec<AuditRecord>, i64), StoreError> {
+        let filter = AUDIT_FILTER;
+        let total: i64 =
+            sqlx::query_scalar(&format!("SELECT count(*) FROM audit_events WHERE {filter}"))
+                .bind(q.practice.as_str())
+                .bind(q.since)
+                .bind(q.until)
+                .bind(&q.patient)
+                .bind(&q.agent)
+                .bind(&q.actions)
+                .fetch_one(&self.pool)
+                .await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit_events WHERE {filter} AND chain_seq > ?7
+             ORDER BY chain_seq LIMIT ?8"
+        ))
+        .bind(q.practice.as_str())
+        .bind(q.since)
+        .bind(q.until)
+        .bind(&q.patient)
+        .bind(&q.agent)
+        .bind(&q.actions)
+        .bind(q.after_seq)
+        .bind(q.limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok((
+            rows.iter().map(audit_from).collect::<Result<_, _>>()?,
+            total,
+        ))
     }
 
     async fn close(&self) {

@@ -2,6 +2,7 @@
 //! PostgreSQL when FHIRGATE_TEST_POSTGRES_URL is set).
 
 mod audit;
+mod audit_event;
 mod auth;
 mod binary;
 mod fhir_surface;
