@@ -304,3 +304,148 @@ async fn clients_add_prints_the_client_id_and_refuses_an_unknown_practice() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("--scope"));
 }
+
+/// Distinctive PHI-like values that must never reach the logs.
+const PHI: &[&str] = &[
+    "Zebediah",
+    "Quackenbush",
+    "1961-07-04",
+    "MRN-99887766",
+    "555-0199",
+];
+
+#[tokio::test]
+async fn no_phi_reaches_the_logs_whatever_the_request_carries() {
+    let (_db, url) = TestDb::create().await;
+    let out = run(fhirgate()
+        .args(["practices", "add", "--name", "Lakeside Therapy"])
+        .env("FHIRGATE_DATABASE_URL", url.expose()));
+    let practice: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let key = crate::auth::SigningKey::es384("k1");
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, crate::auth::SigningKey::jwks(&[&key])).unwrap();
+    let out = run(fhirgate()
+        .args([
+            "clients",
+            "add",
+            "--practice",
+            practice["id"].as_str().unwrap(),
+            "--name",
+            "EHR",
+        ])
+        .arg("--jwks")
+        .arg(&jwks)
+        .args(["--scope", "system/*.rs"])
+        .env("FHIRGATE_DATABASE_URL", url.expose()));
+    let client: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let client_id = client["client_id"].as_str().unwrap().to_owned();
+
+    let port = free_port();
+    let mut child = fhirgate()
+        .arg("serve")
+        .env("FHIRGATE_DATABASE_URL", url.expose())
+        .env("FHIRGATE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("FHIRGATE_LOG_LEVEL", "debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until_up(port, &mut child);
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+
+    // A token, then requests carrying PHI in the path, query, headers and a form body.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = serde_json::json!({
+        "iss": client_id, "sub": client_id, "aud": format!("{base}/auth/token"),
+        "exp": now + 120, "jti": "jti-Zebediah-Quackenbush",
+    });
+    let assertion = crate::auth::sign_with(&key, &claims);
+    let token: serde_json::Value = http
+        .post(format!("{base}/auth/token"))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("scope", "system/Patient.rs system/AuditEvent.rs"),
+            (
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ),
+            ("client_assertion", &assertion),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = token["access_token"].as_str().expect("a token").to_owned();
+    let phi_query =
+        "/fhir/r4/Patient?family=Quackenbush&given=Zebediah&birthdate=1961-07-04&telecom=555-0199";
+    for (path, auth) in [
+        (phi_query, true),
+        (phi_query, false),
+        ("/fhir/r4/Patient/MRN-99887766", true),
+        (
+            "/fhir/r4/AuditEvent?patient=MRN-99887766&agent=Zebediah",
+            true,
+        ),
+        ("/fhir/r4/AuditEvent?bogus=Quackenbush", true),
+        ("/fhir/r4/AuditEvent?date=1961-07-04Zebediah", true),
+        ("/Zebediah/1961-07-04", false),
+    ] {
+        let mut req = http
+            .get(format!("{base}{path}"))
+            .header("x-request-id", "Zebediah Quackenbush")
+            .header("user-agent", "MRN-99887766");
+        if auth {
+            req = req.bearer_auth(&token);
+        }
+        req.send().await.unwrap();
+    }
+    http.post(format!("{base}/fhir/r4/AuditEvent/_search"))
+        .bearer_auth(&token)
+        .form(&[("patient", "Quackenbush"), ("agent", "555-0199")])
+        .send()
+        .await
+        .unwrap();
+    // A refused assertion that carries PHI in its claims.
+    http.post(format!("{base}/auth/token"))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_assertion", "Zebediah.1961-07-04.x"),
+        ])
+        .send()
+        .await
+        .unwrap();
+
+    sigterm(&child);
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    let mut logs = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    assert!(
+        logs.lines()
+            .filter(|l| l.contains("request completed"))
+            .count()
+            >= 9,
+        "{logs}"
+    );
+    for value in PHI {
+        assert!(!logs.contains(value), "`{value}` reached the logs:\n{logs}");
+    }
+}
