@@ -26,44 +26,105 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fhirgate::config::Settings;
-use fhirgate::startup::Application;
+use fhirgate::startup::{Application, BuildOptions};
 use reqwest::{Client, Method, RequestBuilder};
 
 const WARM_UP: Duration = Duration::from_secs(1);
 const DEFAULT_SECONDS: f64 = 10.0;
 const DEFAULT_CONCURRENCY: usize = 32;
 
-/// Adds what a request needs beyond its method and path (headers, a body).
-type Prepare = fn(RequestBuilder) -> RequestBuilder;
+/// Adds what a request needs beyond its method and path (headers, a body), from the context
+/// set up once the gateway runs (a bearer token, a client key...).
+type Prepare = fn(&Context, RequestBuilder) -> RequestBuilder;
 
-/// One endpoint under load. Every request of a scenario is the same request.
+/// Which in-process gateway a scenario drives: the real one, or the same gateway built with
+/// auditing skipped (to report what auditing costs).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Gateway {
+    Audited,
+    Unaudited,
+}
+
+/// One endpoint under load.
 struct Scenario {
     name: &'static str,
     method: Method,
-    path: &'static str,
+    path: fn(&Context) -> String,
+    gateway: Gateway,
     prepare: Option<Prepare>,
+}
+
+/// What authenticated scenarios need: a registered client with its signing key, a token, and
+/// the id of an audit event to read.
+struct Context {
+    client_id: String,
+    key: jsonwebtoken::EncodingKey,
+    token: String,
+    token_url: String,
+    audit_event_id: String,
+}
+
+impl Context {
+    /// A fresh ES384 client assertion (unique jti), as a SMART backend-services client sends.
+    fn assertion(&self) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_secs();
+        let claims = serde_json::json!({
+            "iss": self.client_id, "sub": self.client_id, "aud": self.token_url,
+            "exp": now + 240, "jti": uuid::Uuid::new_v4().to_string(),
+        });
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES384);
+        header.kid = Some("bench-key".into());
+        jsonwebtoken::encode(&header, &claims, &self.key).expect("sign the assertion")
+    }
 }
 
 /// The scenarios, `baseline` first. A new scenario is one more entry here.
 fn scenarios() -> Vec<Scenario> {
+    let plain = |name, path: fn(&Context) -> String| Scenario {
+        name,
+        method: Method::GET,
+        path,
+        gateway: Gateway::Audited,
+        prepare: None,
+    };
+    let audit_read = |ctx: &Context| format!("/fhir/r4/AuditEvent/{}", ctx.audit_event_id);
     vec![
+        plain("baseline", |_| "/healthz".into()),
         Scenario {
-            name: "baseline",
-            method: Method::GET,
-            path: "/healthz",
-            prepare: None,
+            prepare: Some(|_, req| req.header("accept", "application/fhir+json")),
+            ..plain("metadata", |_| "/fhir/r4/metadata".into())
+        },
+        plain("readyz", |_| "/readyz".into()),
+        // Client assertion verified (ES384), jti remembered, token signed, event audited.
+        Scenario {
+            method: Method::POST,
+            prepare: Some(|ctx, req| {
+                let assertion = ctx.assertion();
+                req.form(&[
+                    ("grant_type", "client_credentials"),
+                    ("scope", "system/AuditEvent.rs"),
+                    (
+                        "client_assertion_type",
+                        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                    ),
+                    ("client_assertion", assertion.as_str()),
+                ])
+            }),
+            ..plain("token", |_| "/auth/token".into())
+        },
+        // The same gated FHIR read (bearer check, rate limit, scope, tenant query), with its
+        // audit event made durable before the response, and without auditing.
+        Scenario {
+            prepare: Some(|ctx, req| req.bearer_auth(&ctx.token)),
+            ..plain("read_audited", audit_read)
         },
         Scenario {
-            name: "metadata",
-            method: Method::GET,
-            path: "/fhir/r4/metadata",
-            prepare: Some(|req| req.header("accept", "application/fhir+json")),
-        },
-        Scenario {
-            name: "readyz",
-            method: Method::GET,
-            path: "/readyz",
-            prepare: None,
+            gateway: Gateway::Unaudited,
+            prepare: Some(|ctx, req| req.bearer_auth(&ctx.token)),
+            ..plain("read_unaudited", audit_read)
         },
     ]
 }
@@ -158,10 +219,15 @@ async fn run(config: BenchConfig, scenarios: Vec<Scenario>) -> ExitCode {
     let original_dir = std::env::current_dir().expect("read the current directory");
     std::env::set_current_dir(workdir.path()).expect("enter the temp working directory");
     let db = BenchDatabase::create(workdir.path()).await;
+    // A fixed bench-only master key (no development key is generated), one public URL for both
+    // gateways (so a token of one is valid at the other), and quotas too large to interfere:
+    // the limiter still runs on every request, as it does in production.
     let settings = Settings::from_toml(&format!(
-        // A fixed bench-only master key, so no development key is generated.
         "listen = '127.0.0.1:0'\nlog_level = 'warn'\ndatabase_url = {}\n\
-         master_key = 'bench1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA='\n",
+         master_key = 'bench1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA='\n\
+         public_url = 'http://gateway.bench'\n\
+         [rate_limit]\nclient_points = 4000000000\npractice_points = 4000000000\n\
+         global_points = 4000000000\ntoken_ip_points = 4000000000\n",
         toml_string(&db.url)
     ))
     .expect("bench settings are valid");
@@ -169,12 +235,20 @@ async fn run(config: BenchConfig, scenarios: Vec<Scenario>) -> ExitCode {
         0 => available_cpus(),
         n => n,
     };
-    let app = Application::build(settings)
+    let app = Application::build(settings.clone())
         .await
         .expect("the gateway starts on the bench database");
     let base_url = format!("http://{}", app.local_addr());
     let handle = app.handle();
+    let store = app.store();
     let server = tokio::spawn(app.run_until_stopped());
+    let unaudited =
+        Application::build_with_options(settings.clone(), BuildOptions { skip_audit: true })
+            .await
+            .expect("the unaudited gateway starts");
+    let unaudited_url = format!("http://{}", unaudited.local_addr());
+    let unaudited_handle = unaudited.handle();
+    let unaudited_server = tokio::spawn(unaudited.run_until_stopped());
 
     println!(
         "nproc={} concurrency={} duration={}s warmup={}s backend={} http_workers={} (client and server share the process)",
@@ -193,11 +267,18 @@ async fn run(config: BenchConfig, scenarios: Vec<Scenario>) -> ExitCode {
         .build()
         .expect("build the HTTP client");
 
+    let context = Arc::new(set_up_context(&*store, &client, &base_url).await);
     let mut results = Vec::with_capacity(scenarios.len());
     for scenario in &scenarios {
-        results.push(measure(&client, &base_url, scenario, &config).await);
+        let url = match scenario.gateway {
+            Gateway::Audited => &base_url,
+            Gateway::Unaudited => &unaudited_url,
+        };
+        results.push(measure(&client, url, scenario, &context, &config).await);
     }
 
+    unaudited_handle.stop(true).await;
+    let _ = unaudited_server.await;
     handle.stop(true).await;
     if let Ok(Err(err)) = server.await {
         eprintln!("gateway bench: server stopped with an error: {err}");
@@ -295,18 +376,103 @@ impl BenchDatabase {
     }
 }
 
+/// Registers a practice and a client with an ES384 key, gets a token, and finds an audit event.
+async fn set_up_context(
+    store: &dyn fhirgate::store::Store,
+    client: &Client,
+    base_url: &str,
+) -> Context {
+    use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair, ECDSA_P384_SHA384_FIXED_SIGNING};
+    use base64::Engine;
+    use fhirgate::domain::{NewPractice, PracticeName, TimeZoneName};
+    use fhirgate::gate::{ClientKeys, NewApiClient, Role, ScopeSet};
+
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let pair = EcdsaKeyPair::generate(&ECDSA_P384_SHA384_FIXED_SIGNING).expect("generate a key");
+    let point = pair.public_key().as_ref();
+    let jwks = serde_json::json!({ "keys": [{
+        "kty": "EC", "crv": "P-384", "kid": "bench-key", "alg": "ES384",
+        "x": b64(&point[1..49]), "y": b64(&point[49..97]),
+    }] });
+    let practice = store
+        .create_practice(&NewPractice {
+            name: PracticeName::parse("Bench Practice").expect("valid name"),
+            timezone: TimeZoneName::default(),
+            npi: None,
+            tax_id: None,
+        })
+        .await
+        .expect("create the bench practice");
+    let api_client = store
+        .create_client(&NewApiClient {
+            practice_id: practice.id,
+            name: "bench".into(),
+            role: Role::PracticeAdmin,
+            scopes: ScopeSet::parse("system/AuditEvent.rs").expect("valid scope"),
+            keys: ClientKeys::inline(&jwks.to_string()).expect("valid JWKS"),
+        })
+        .await
+        .expect("register the bench client");
+    let mut context = Context {
+        client_id: api_client.client_id,
+        key: jsonwebtoken::EncodingKey::from_ec_der(
+            pair.to_pkcs8v1().expect("export the key").as_ref(),
+        ),
+        token: String::new(),
+        token_url: "http://gateway.bench/auth/token".into(),
+        audit_event_id: String::new(),
+    };
+    let assertion = context.assertion();
+    let token: serde_json::Value = client
+        .post(format!("{base_url}/auth/token"))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("scope", "system/AuditEvent.rs"),
+            (
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ),
+            ("client_assertion", assertion.as_str()),
+        ])
+        .send()
+        .await
+        .expect("token request")
+        .json()
+        .await
+        .expect("token response");
+    context.token = token["access_token"]
+        .as_str()
+        .expect("an access token")
+        .to_owned();
+    let bundle: serde_json::Value = client
+        .get(format!("{base_url}/fhir/r4/AuditEvent?_count=1"))
+        .bearer_auth(&context.token)
+        .send()
+        .await
+        .expect("audit search")
+        .json()
+        .await
+        .expect("a Bundle");
+    context.audit_event_id = bundle["entry"][0]["resource"]["id"]
+        .as_str()
+        .expect("an audit event")
+        .to_owned();
+    context
+}
+
 /// The request every worker of a scenario sends, shared between the worker tasks.
 struct Target {
     method: Method,
     url: String,
     prepare: Option<Prepare>,
+    context: Arc<Context>,
 }
 
 impl Target {
     fn request(&self, client: &Client) -> RequestBuilder {
         let req = client.request(self.method.clone(), &self.url);
         match self.prepare {
-            Some(prepare) => prepare(req),
+            Some(prepare) => prepare(&self.context, req),
             None => req,
         }
     }
@@ -325,12 +491,14 @@ async fn measure(
     client: &Client,
     base_url: &str,
     scenario: &Scenario,
+    context: &Arc<Context>,
     config: &BenchConfig,
 ) -> Measurement {
     let target = Arc::new(Target {
         method: scenario.method.clone(),
-        url: format!("{base_url}{}", scenario.path),
+        url: format!("{base_url}{}", (scenario.path)(context)),
         prepare: scenario.prepare,
+        context: Arc::clone(context),
     });
     drive(client, &target, config.concurrency, WARM_UP).await;
 
@@ -346,7 +514,7 @@ async fn measure(
     Measurement {
         name: scenario.name,
         method: scenario.method.to_string(),
-        path: scenario.path,
+        path: (scenario.path)(context),
         requests,
         errors: samples.errors,
         elapsed_s: elapsed.as_secs_f64(),
@@ -444,7 +612,7 @@ fn peak_rss_mib() -> Option<f64> {
 struct Measurement {
     name: &'static str,
     method: String,
-    path: &'static str,
+    path: String,
     requests: u64,
     errors: u64,
     elapsed_s: f64,

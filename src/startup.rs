@@ -32,6 +32,16 @@ pub struct AppState {
     pub gate: GateState,
     pub audit: AuditLog,
     pub rate_limits: Arc<RateLimits>,
+    /// Benchmarks only (see [`BuildOptions`]).
+    pub skip_audit: bool,
+}
+
+/// Options that are not configuration. Nothing in the CLI or the config files can set them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BuildOptions {
+    /// Skip recording audit events, so the benchmark can report what auditing costs. A gateway
+    /// built this way is not HIPAA compliant; only `benches/gateway.rs` sets it.
+    pub skip_audit: bool,
 }
 
 /// What the gate needs: the token issuer/verifier, the JWKS fetcher and the token URL that
@@ -81,18 +91,26 @@ impl Application {
     /// Connects to the configured database, migrates it (unless `migrate_on_start = false`)
     /// and binds the listener.
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+        Self::build_with_options(settings, BuildOptions::default()).await
+    }
+
+    pub async fn build_with_options(
+        settings: Settings,
+        options: BuildOptions,
+    ) -> Result<Self, StartupError> {
         let store = store::connect(&settings.database_url, &pool_options(&settings)).await?;
         if settings.migrate_on_start {
             store.migrate().await?;
         }
         let master = MasterSecret::from_settings(&settings)?;
-        Self::build_with_store(settings, store, &master)
+        Self::build_with_store(settings, store, &master, options)
     }
 
     pub fn build_with_store(
         settings: Settings,
         store: Arc<dyn Store>,
         master: &MasterSecret,
+        options: BuildOptions,
     ) -> Result<Self, StartupError> {
         let listener = TcpListener::bind(settings.listen).map_err(|source| StartupError::Bind {
             addr: settings.listen,
@@ -127,6 +145,7 @@ impl Application {
             base_url: base_url.clone(),
             audit,
             rate_limits: Arc::clone(&rate_limits),
+            skip_audit: options.skip_audit,
         });
 
         let mut server = HttpServer::new(move || {

@@ -107,7 +107,11 @@ pub async fn audit_request(
     if request.extensions().get::<AuditedInTransaction>().is_some() {
         return Ok(res.map_into_left_body());
     }
-    let Some(state) = request.app_data::<web::Data<AppState>>().cloned() else {
+    let Some(state) = request
+        .app_data::<web::Data<AppState>>()
+        .filter(|s| !s.skip_audit)
+        .cloned()
+    else {
         return Ok(res.map_into_left_body());
     };
     let id = request
