@@ -50,6 +50,8 @@ pub struct Settings {
     pub master_key_file: String,
     pub access_token_lifetime_secs: u64,
     pub rate_limit: crate::gate::rate_limit::RateLimitSettings,
+    /// How long audit events are kept before `audit purge` may delete them (>= 2192 days).
+    pub audit_retention_days: u32,
 }
 
 /// A secret setting: redacted whenever displayed.
@@ -197,6 +199,13 @@ impl Settings {
                 "must be between 1 and 3600",
             ));
         }
+        // Six years, counting the leap days six years can hold (45 CFR 164.316(b)(2)).
+        if self.audit_retention_days < 2192 {
+            return Err(bad(
+                "audit_retention_days",
+                "must be at least 2192 (six years, HIPAA 45 CFR 164.316(b)(2))",
+            ));
+        }
         if let Err((key, reason)) = self.rate_limit.validate() {
             return Err(bad(key, reason));
         }
@@ -268,6 +277,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("databse_url"), "{err}");
+    }
+
+    #[test]
+    fn an_audit_retention_under_six_years_is_refused() {
+        let err = Settings::from_toml("audit_retention_days = 365")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`audit_retention_days`"), "{err}");
     }
 
     #[test]

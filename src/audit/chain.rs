@@ -94,6 +94,15 @@ impl ChainVerifier {
         }
     }
 
+    /// Continues a chain whose events through `through_seq` were purged; the first remaining
+    /// event must link to the purged one's hash.
+    pub fn resume(chain: &str, through_seq: i64, through_hash: Vec<u8>) -> Self {
+        let mut v = Self::new(chain);
+        v.expected_seq = through_seq + 1;
+        v.prev_hash = through_hash;
+        v
+    }
+
     /// Checks one record; returns false once the chain is broken (later records are not checked).
     pub fn feed(&mut self, r: &AuditRecord) -> bool {
         if !self.report.ok {

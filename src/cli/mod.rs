@@ -102,6 +102,14 @@ pub enum AuditCommand {
     /// Walk every hash chain; print one JSON line per chain; exit 1 naming the first broken link.
     Verify,
     /// Write a practice's audit events as NDJSON (hashes included, for independent verification).
+    /// Delete events older than the retention period (at least six years), leaving checkpoints
+    /// from which `verify` continues each chain.
+    Purge {
+        /// Purge events recorded before this time (RFC 3339 or YYYY-MM-DD); default: now minus
+        /// `audit_retention_days`. Anything less than six years ago is refused.
+        #[arg(long)]
+        before: Option<String>,
+    },
     Export {
         #[arg(long)]
         practice: String,
@@ -386,12 +394,38 @@ async fn audit(cmd: AuditCommand, settings: Settings) -> Result<(), CliError> {
                 .transpose()?
                 .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
         )),
-        AuditCommand::Verify => None,
+        AuditCommand::Verify | AuditCommand::Purge { .. } => None,
+    };
+    let purge_before = match &cmd {
+        AuditCommand::Purge { before } => {
+            let before = match before {
+                Some(b) => parse_since(b)?,
+                None => {
+                    time::OffsetDateTime::now_utc()
+                        - time::Duration::days(i64::from(settings.audit_retention_days))
+                }
+            };
+            if before > store::retention_floor(time::OffsetDateTime::now_utc()) {
+                return Err(CliError::Usage(
+                    "--before: audit events must be kept six years (45 CFR 164.316(b)(2)); \
+                     choose a time at least six years ago"
+                        .into(),
+                ));
+            }
+            Some(before)
+        }
+        _ => None,
     };
     let store = store::connect(&settings.database_url, &pool_options(&settings))
         .await
         .map_err(|e| CliError::Failed(e.to_string()))?;
     let result = async {
+        if let Some(before) = purge_before {
+            for (chain, through) in store.purge_audit(before).await? {
+                print_json(&serde_json::json!({ "chain": chain, "purged_through_seq": through }));
+            }
+            return Ok(());
+        }
         match export {
             Some((practice, since)) => {
                 use std::io::Write;
@@ -416,8 +450,13 @@ async fn audit(cmd: AuditCommand, settings: Settings) -> Result<(), CliError> {
             None => {
                 let mut broken = Vec::new();
                 for chain in store.audit_chains().await? {
-                    let mut verifier = crate::audit::chain::ChainVerifier::new(&chain);
-                    let mut after = 0;
+                    let (mut verifier, mut after) = match store.audit_checkpoint(&chain).await? {
+                        Some((seq, hash)) => (
+                            crate::audit::chain::ChainVerifier::resume(&chain, seq, hash),
+                            seq,
+                        ),
+                        None => (crate::audit::chain::ChainVerifier::new(&chain), 0),
+                    };
                     'pages: loop {
                         let page = store.audit_chain_page(&chain, after, PAGE).await?;
                         for record in &page {

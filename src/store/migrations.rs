@@ -24,6 +24,11 @@ pub(crate) const SQLITE: Embedded = Embedded(&[
         "audit_chain",
         include_str!("../../migrations/sqlite/0003_audit_chain.sql"),
     ),
+    (
+        4,
+        "audit_retention",
+        include_str!("../../migrations/sqlite/0004_audit_retention.sql"),
+    ),
 ]);
 
 pub(crate) const POSTGRES: Embedded = Embedded(&[
@@ -41,6 +46,11 @@ pub(crate) const POSTGRES: Embedded = Embedded(&[
         3,
         "audit_chain",
         include_str!("../../migrations/postgres/0003_audit_chain.sql"),
+    ),
+    (
+        4,
+        "audit_retention",
+        include_str!("../../migrations/postgres/0004_audit_retention.sql"),
     ),
 ]);
 

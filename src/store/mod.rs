@@ -152,7 +152,23 @@ pub trait Store: Send + Sync + 'static {
 
     /// Appends events to their practices' hash chains in one transaction (heads locked in a
     /// fixed order, so concurrent writers cannot deadlock or fork a chain).
-    async fn append_audit(&self, events: &[NewAuditEvent]) -> Result<usize, StoreError>;
+    async fn append_audit(&self, events: &[NewAuditEvent]) -> Result<usize, StoreError> {
+        self.append_audit_at(events, now()).await
+    }
+    /// [`Store::append_audit`] with an explicit time (imports, and tests of retention).
+    async fn append_audit_at(
+        &self,
+        events: &[NewAuditEvent],
+        at: time::OffsetDateTime,
+    ) -> Result<usize, StoreError>;
+    /// Where verification of `chain` starts: the last purged event's (sequence, hash), if any.
+    async fn audit_checkpoint(&self, chain: &str) -> Result<Option<(i64, Vec<u8>)>, StoreError>;
+    /// Deletes, from the start of every chain, the events recorded before `before`, leaving a
+    /// checkpoint; refuses a `before` less than six years ago. Returns (chain, purged through seq).
+    async fn purge_audit(
+        &self,
+        before: time::OffsetDateTime,
+    ) -> Result<Vec<(String, i64)>, StoreError>;
     /// Every chain that has events.
     async fn audit_chains(&self) -> Result<Vec<String>, StoreError>;
     /// Up to `limit` events of `chain` after `after_seq`, in chain order.
@@ -238,6 +254,14 @@ pub(crate) const CLIENT_COLUMNS: &str =
 pub(crate) const AUDIT_COLUMNS: &str = "id, chain, chain_seq, recorded_at, practice_id, action, \
     outcome, status_code, actor_client_id, actor_role, resource_type, resource_id, patient_id, \
     source_ip, user_agent, request_id, purpose_of_use, prev_hash, hash";
+
+/// The latest time a purge may reach: six calendar years ago (45 CFR 164.316(b)(2)).
+pub fn retention_floor(now: time::OffsetDateTime) -> time::OffsetDateTime {
+    let year = now.year() - 6;
+    now.replace_year(year)
+        .or_else(|_| (now - time::Duration::days(1)).replace_year(year)) // 29 February
+        .unwrap_or(now - time::Duration::days(6 * 366))
+}
 
 /// The chains of a batch, sorted: heads are locked in this order by every writer.
 pub(crate) fn chains_of(events: &[NewAuditEvent]) -> Vec<String> {

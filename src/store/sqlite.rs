@@ -12,8 +12,8 @@ use sqlx::{Row, SqlitePool};
 
 use super::migrations::{MigrationStatus, SQLITE};
 use super::{
-    chains_of, key_columns, now, AuditQuery, Backend, PoolOptions, PoolStats, Store, StoreError,
-    AUDIT_COLUMNS, AUDIT_FILTER, CLIENT_COLUMNS,
+    chains_of, key_columns, now, retention_floor, AuditQuery, Backend, PoolOptions, PoolStats,
+    Store, StoreError, AUDIT_COLUMNS, AUDIT_FILTER, CLIENT_COLUMNS,
 };
 use crate::audit::chain::GENESIS;
 use crate::audit::{AuditRecord, NewAuditEvent, SYSTEM_CHAIN};
@@ -309,11 +309,14 @@ impl Store for SqliteStore {
         Ok(inserted == 1)
     }
 
-    async fn append_audit(&self, events: &[NewAuditEvent]) -> Result<usize, StoreError> {
+    async fn append_audit_at(
+        &self,
+        events: &[NewAuditEvent],
+        at: time::OffsetDateTime,
+    ) -> Result<usize, StoreError> {
         if events.is_empty() {
             return Ok(0);
         }
-        let at = now();
         let mut tx = self.pool.begin().await?;
         let mut heads: HashMap<String, (i64, Vec<u8>)> = HashMap::new();
         for chain in chains_of(events) {
@@ -474,6 +477,80 @@ impl Store for SqliteStore {
             rows.iter().map(audit_from).collect::<Result<_, _>>()?,
             total,
         ))
+    }
+
+    async fn audit_checkpoint(&self, chain: &str) -> Result<Option<(i64, Vec<u8>)>, StoreError> {
+        let row =
+            sqlx::query("SELECT through_seq, through_hash FROM audit_purges WHERE chain = ?1")
+                .bind(chain)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(match row {
+            Some(row) => Some((row.try_get("through_seq")?, row.try_get("through_hash")?)),
+            None => None,
+        })
+    }
+
+    async fn purge_audit(
+        &self,
+        before: time::OffsetDateTime,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        if before > retention_floor(now()) {
+            return Err(StoreError::Conflict(
+                "audit events younger than six years cannot be purged",
+            ));
+        }
+        let mut purged = Vec::new();
+        for chain in self.audit_chains().await? {
+            let mut tx = self.pool.begin().await?;
+            // The purgeable prefix ends just before the chain's first event at or after `before`.
+            let first_young: Option<i64> = sqlx::query_scalar(
+                "SELECT min(chain_seq) FROM audit_events WHERE chain = ?1 AND recorded_at >= ?2",
+            )
+            .bind(&chain)
+            .bind(before)
+            .fetch_one(&mut *tx)
+            .await?;
+            let last_old: Option<i64> = sqlx::query_scalar(
+                "SELECT max(chain_seq) FROM audit_events WHERE chain = ?1 AND chain_seq < ?2",
+            )
+            .bind(&chain)
+            .bind(first_young.unwrap_or(i64::MAX))
+            .fetch_one(&mut *tx)
+            .await?;
+            let Some(through) = last_old else {
+                continue;
+            };
+            let hash: Vec<u8> = sqlx::query_scalar(
+                "SELECT hash FROM audit_events WHERE chain = ?1 AND chain_seq = ?2",
+            )
+            .bind(&chain)
+            .bind(through)
+            .fetch_one(&mut *tx)
+            .await?;
+            let practice = (chain != SYSTEM_CHAIN).then_some(chain.as_str());
+            sqlx::query(
+                "INSERT INTO audit_purges (chain, practice_id, through_seq, through_hash, purged_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (chain) DO UPDATE SET through_seq = excluded.through_seq,
+                     through_hash = excluded.through_hash, purged_at = excluded.purged_at",
+            )
+            .bind(&chain)
+            .bind(practice)
+            .bind(through)
+            .bind(&hash)
+            .bind(now())
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("DELETE FROM audit_events WHERE chain = ?1 AND chain_seq <= ?2")
+                .bind(&chain)
+                .bind(through)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            purged.push((chain, through));
+        }
+        Ok(purged)
     }
 
     async fn close(&self) {

@@ -280,3 +280,70 @@ async fn audit_export_writes_the_practice_events_as_verifiable_ndjson() {
     assert_eq!(bad.status.code(), Some(2));
     let _ = ResourceId::parse("p", practice).unwrap();
 }
+
+#[tokio::test]
+async fn a_purge_removes_only_events_older_than_six_years_and_the_chain_still_verifies() {
+    let app = spawn_app().await;
+    let (token, practice) = authenticated(&app).await;
+    // Three events recorded seven years ago, before the recent ones.
+    let old = fhirgate::audit::NewAuditEvent {
+        practice_id: Some(ResourceId::parse("p", practice.as_str()).unwrap()),
+        action: Some(fhirgate::audit::Action::Read),
+        status_code: 200,
+        ..Default::default()
+    };
+    let seven_years_ago = time::OffsetDateTime::now_utc() - time::Duration::days(7 * 365);
+    // Appended into a fresh chain of its own, so the old events come first.
+    let chain_practice = app
+        .store
+        .create_practice(&fhirgate::domain::NewPractice {
+            name: fhirgate::domain::PracticeName::parse("Old Practice").unwrap(),
+            timezone: fhirgate::domain::TimeZoneName::default(),
+            npi: None,
+            tax_id: None,
+        })
+        .await
+        .unwrap();
+    let old = fhirgate::audit::NewAuditEvent {
+        practice_id: Some(chain_practice.id.clone()),
+        ..old
+    };
+    app.store
+        .append_audit_at(&[old.clone(), old.clone(), old.clone()], seven_years_ago)
+        .await
+        .unwrap();
+    app.store.append_audit(&[old]).await.unwrap();
+    app.client
+        .get(app.url("/fhir/r4/Patient/p1"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+
+    let refused = fhirgate(&app, &["audit", "purge", "--before", "2025-01-01"]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("six years"));
+
+    let out = fhirgate(&app, &["audit", "purge"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let purged: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(purged["chain"], chain_practice.id.as_str());
+    assert_eq!(purged["purged_through_seq"], 3);
+
+    let remaining = chain(&app, chain_practice.id.as_str()).await;
+    assert_eq!(remaining.len(), 1);
+    assert_eq!(remaining[0].chain_seq, 4);
+    // The recent practice's events are untouched.
+    assert_eq!(chain(&app, &practice).await.len(), 2);
+
+    let out = fhirgate(&app, &["audit", "verify"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
