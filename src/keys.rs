@@ -4,12 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
-use base64::Engine;
-use hkdf::Hkdf;
-use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use crate::config::{Environment, Settings};
+use crate::crypto::{CryptoError, Keyring, MasterKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MasterKeyError {
@@ -19,13 +17,13 @@ pub enum MasterKeyError {
     File { path: String, reason: String },
     #[error("cannot write the development key {path}: {reason}")]
     DevKey { path: String, reason: String },
-    #[error("master key spec is malformed: {0}")]
-    Spec(&'static str),
+    #[error(transparent)]
+    Spec(CryptoError),
 }
 
-/// The active master key (32 bytes), zeroed on drop.
+/// The configured keyring: the master keys, never stored in the database.
 pub struct MasterSecret {
-    key: Zeroizing<[u8; 32]>,
+    keyring: Keyring,
 }
 
 /// Where a development key is kept when none is configured.
@@ -47,32 +45,19 @@ impl MasterSecret {
 
     /// Parses `KEYID:BASE64[,KEYID:BASE64...]`; the first key is the active one.
     pub fn parse(spec: &str) -> Result<Self, MasterKeyError> {
-        let first = spec.split(',').next().unwrap_or_default().trim();
-        let (_id, b64) = first
-            .split_once(':')
-            .ok_or(MasterKeyError::Spec("expected KEYID:BASE64"))?;
-        let bytes = Zeroizing::new(
-            base64::engine::general_purpose::STANDARD
-                .decode(b64.trim())
-                .map_err(|_| MasterKeyError::Spec("the key is not base64"))?,
-        );
-        let key: [u8; 32] = bytes
-            .as_slice()
-            .try_into()
-            .map_err(|_| MasterKeyError::Spec("the key must be 32 bytes"))?;
         Ok(Self {
-            key: Zeroizing::new(key),
+            keyring: Keyring::parse(spec).map_err(MasterKeyError::Spec)?,
         })
     }
 
-    /// The HMAC key for the gateway's access tokens (HKDF-SHA256, its own info string, so the
-    /// master key itself is never used for two purposes).
+    pub fn keyring(&self) -> &Keyring {
+        &self.keyring
+    }
+
+    /// The HMAC key for the gateway's access tokens: an HKDF subkey of the active master key
+    /// (its own info string, so the master key itself is never used for two purposes).
     pub fn derive_token_secret(&self) -> Zeroizing<[u8; 32]> {
-        let hk = Hkdf::<Sha256>::new(None, self.key.as_slice());
-        let mut out = Zeroizing::new([0u8; 32]);
-        hk.expand(b"fhirgate access token v1", out.as_mut_slice())
-            .expect("32 bytes is a valid HKDF-SHA256 output length");
-        out
+        self.keyring.active().derive(b"fhirgate access token v1")
     }
 }
 
@@ -95,11 +80,9 @@ fn dev_key(path: &Path) -> Result<Zeroizing<String>, MasterKeyError> {
         path: path.display().to_string(),
         reason,
     };
-    let mut key = Zeroizing::new([0u8; 32]);
-    getrandom_fill(key.as_mut_slice());
     let spec = Zeroizing::new(format!(
         "dev1:{}",
-        base64::engine::general_purpose::STANDARD.encode(key.as_slice())
+        MasterKey::generate().to_base64().as_str()
     ));
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| err(e.kind().to_string()))?;
@@ -116,11 +99,6 @@ fn dev_key(path: &Path) -> Result<Zeroizing<String>, MasterKeyError> {
         path.display()
     );
     Ok(spec)
-}
-
-fn getrandom_fill(buf: &mut [u8]) {
-    use aes_gcm::aead::rand_core::RngCore;
-    aes_gcm::aead::OsRng.fill_bytes(buf);
 }
 
 #[cfg(unix)]
@@ -157,7 +135,7 @@ mod tests {
     fn a_configured_key_derives_a_stable_token_secret() {
         let spec = format!(
             "k1:{}",
-            base64::engine::general_purpose::STANDARD.encode([9u8; 32])
+            MasterKey::from_bytes([9u8; 32]).to_base64().as_str()
         );
         let a = MasterSecret::parse(&spec).unwrap().derive_token_secret();
         let b = MasterSecret::parse(&spec).unwrap().derive_token_secret();
