@@ -128,19 +128,12 @@ struct AssertionClaims {
     jti: Option<String>,
 }
 
-/// What a successful exchange yields (for the audit trail and the response).
-pub struct Exchange {
-    pub client_id: String,
-    pub practice_id: crate::domain::ResourceId,
-    pub body: serde_json::Value,
-}
-
 pub async fn token(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
     match exchange(&req, &body, &state).await {
-        Ok(exchange) => HttpResponse::Ok()
+        Ok(body) => HttpResponse::Ok()
             .insert_header((header::CACHE_CONTROL, "no-store"))
             .insert_header((header::PRAGMA, "no-cache"))
-            .json(exchange.body),
+            .json(body),
         Err(err) => {
             tracing::info!(
                 error = err.code,
@@ -156,7 +149,7 @@ async fn exchange(
     req: &HttpRequest,
     body: &[u8],
     state: &AppState,
-) -> Result<Exchange, OAuthError> {
+) -> Result<serde_json::Value, OAuthError> {
     let form_type = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -283,16 +276,12 @@ async fn exchange(
         .tokens
         .issue(&client_id, &client.practice_id, client.role, &granted)
         .map_err(|_| OAuthError::unavailable())?;
-    Ok(Exchange {
-        body: json!({
-            "access_token": issued.token,
-            "token_type": "bearer",
-            "expires_in": issued.expires_in,
-            "scope": granted.to_string(),
-        }),
-        client_id,
-        practice_id: client.practice_id,
-    })
+    Ok(json!({
+        "access_token": issued.token,
+        "token_type": "bearer",
+        "expires_in": issued.expires_in,
+        "scope": granted.to_string(),
+    }))
 }
 
 /// The client's verifying key with `kid` for `alg`; a JWKS URL is re-fetched once when the kid
