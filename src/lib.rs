@@ -4,6 +4,7 @@
 //! surface), `store` (one trait, SQLite and PostgreSQL), `ops` (health, readiness, metrics),
 //! `domain` (parsed types), `cli`, `config`, `telemetry`, `startup`.
 
+pub mod api;
 pub mod audit;
 pub mod cli;
 pub mod config;

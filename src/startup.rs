@@ -165,6 +165,7 @@ impl Application {
                     web::get().to(smart::smart_configuration),
                 )
                 .configure(|cfg| fhir::configure(&api, cfg))
+                .configure(crate::api::configure)
                 .default_service(web::to(not_found))
         })
         .shutdown_timeout(settings.shutdown_timeout_secs);

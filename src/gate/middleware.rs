@@ -14,7 +14,10 @@ use crate::startup::AppState;
 /// Paths under a gated scope that stay public: the CapabilityStatement and SMART discovery
 /// (FHIR and SMART require both to be readable before authenticating).
 pub(crate) fn is_public(path: &str) -> bool {
-    path.ends_with("/metadata") || path.ends_with("/.well-known/smart-configuration")
+    matches!(
+        path,
+        "/fhir/r4/metadata" | "/fhir/r4/.well-known/smart-configuration"
+    )
 }
 
 fn bearer(req: &ServiceRequest) -> Option<&str> {

@@ -38,6 +38,8 @@ pub enum GateError {
     MissingToken,
     #[error("the access token is invalid or expired")]
     InvalidToken,
+    #[error("this operation needs the {0} role")]
+    InsufficientRole(&'static str),
     #[error("the access token's scopes do not allow {permission} on {resource}")]
     InsufficientScope {
         resource: &'static str,
@@ -49,7 +51,9 @@ impl ResponseError for GateError {
     fn status_code(&self) -> StatusCode {
         match self {
             GateError::MissingToken | GateError::InvalidToken => StatusCode::UNAUTHORIZED,
-            GateError::InsufficientScope { .. } => StatusCode::FORBIDDEN,
+            GateError::InsufficientScope { .. } | GateError::InsufficientRole(_) => {
+                StatusCode::FORBIDDEN
+            }
         }
     }
 
@@ -57,7 +61,9 @@ impl ResponseError for GateError {
         let code = match self {
             GateError::MissingToken => IssueType::Login,
             GateError::InvalidToken => IssueType::Expired,
-            GateError::InsufficientScope { .. } => IssueType::Forbidden,
+            GateError::InsufficientScope { .. } | GateError::InsufficientRole(_) => {
+                IssueType::Forbidden
+            }
         };
         let outcome = operation_outcome(IssueSeverity::Error, code, self.to_string());
         let mut res = HttpResponse::build(self.status_code());
@@ -73,6 +79,7 @@ impl ResponseError for GateError {
                     r#"Bearer realm="fhirgate", error="invalid_token""#,
                 ));
             }
+            GateError::InsufficientRole(_) => {}
             GateError::InsufficientScope { .. } => {
                 res.insert_header((
                     header::WWW_AUTHENTICATE,

@@ -7,6 +7,7 @@ mod auth;
 mod binary;
 mod fhir_surface;
 mod helpers;
+mod internal_api;
 mod operations;
 mod rate_limits;
 mod storage;
