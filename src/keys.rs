@@ -62,6 +62,9 @@ impl MasterSecret {
 }
 
 fn read_spec(path: &Path) -> Result<Zeroizing<String>, MasterKeyError> {
+    if let Some(loose) = crate::crypto::key_file_permission_warning(path) {
+        tracing::warn!("{loose}");
+    }
     std::fs::read_to_string(path)
         .map(|s| Zeroizing::new(s.trim().to_owned()))
         .map_err(|e| MasterKeyError::File {
