@@ -263,6 +263,10 @@ pub fn retention_floor(now: time::OffsetDateTime) -> time::OffsetDateTime {
         .unwrap_or(now - time::Duration::days(6 * 366))
 }
 
+/// Events per multi-row INSERT: 19 parameters each stays under SQLite's 32,766 and
+/// PostgreSQL's 65,535 bind parameters.
+pub(crate) const AUDIT_INSERT_CHUNK: usize = 500;
+
 /// The chains of a batch, sorted: heads are locked in this order by every writer.
 pub(crate) fn chains_of(events: &[NewAuditEvent]) -> Vec<String> {
     let mut chains: Vec<String> = events.iter().map(NewAuditEvent::chain).collect();

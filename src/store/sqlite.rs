@@ -8,12 +8,12 @@ use async_trait::async_trait;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{Row, SqlitePool};
+use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 
 use super::migrations::{MigrationStatus, SQLITE};
 use super::{
     chains_of, key_columns, now, retention_floor, AuditQuery, Backend, PoolOptions, PoolStats,
-    Store, StoreError, AUDIT_COLUMNS, AUDIT_FILTER, CLIENT_COLUMNS,
+    Store, StoreError, AUDIT_COLUMNS, AUDIT_FILTER, AUDIT_INSERT_CHUNK, CLIENT_COLUMNS,
 };
 use crate::audit::chain::GENESIS;
 use crate::audit::{AuditRecord, NewAuditEvent, SYSTEM_CHAIN};
@@ -338,38 +338,43 @@ impl Store for SqliteStore {
                     .await?;
             heads.insert(chain, (row.try_get("last_seq")?, row.try_get("last_hash")?));
         }
+        // Chain every event first, then write them with one multi-row INSERT per chunk: one
+        // round trip to the database instead of one per event.
+        let mut records = Vec::with_capacity(events.len());
         for event in events {
             let chain = event.chain();
             let head = heads
                 .get_mut(&chain)
                 .ok_or(StoreError::Conflict("audit chain head"))?;
             let r = AuditRecord::next(event, head.0, &head.1, at);
-            sqlx::query(&format!(
-                "INSERT INTO audit_events ({AUDIT_COLUMNS}) VALUES
-                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
-            ))
-            .bind(&r.id)
-            .bind(&r.chain)
-            .bind(r.chain_seq)
-            .bind(r.recorded_at)
-            .bind(&r.practice_id)
-            .bind(&r.action)
-            .bind(&r.outcome)
-            .bind(r.status_code)
-            .bind(&r.actor_client_id)
-            .bind(&r.actor_role)
-            .bind(&r.resource_type)
-            .bind(&r.resource_id)
-            .bind(&r.patient_id)
-            .bind(&r.source_ip)
-            .bind(&r.user_agent)
-            .bind(&r.request_id)
-            .bind(&r.purpose_of_use)
-            .bind(&r.prev_hash)
-            .bind(&r.hash)
-            .execute(&mut *tx)
-            .await?;
-            *head = (r.chain_seq, r.hash);
+            *head = (r.chain_seq, r.hash.clone());
+            records.push(r);
+        }
+        for chunk in records.chunks(AUDIT_INSERT_CHUNK) {
+            let mut insert =
+                QueryBuilder::<Sqlite>::new(format!("INSERT INTO audit_events ({AUDIT_COLUMNS}) "));
+            insert.push_values(chunk, |mut row, r| {
+                row.push_bind(&r.id)
+                    .push_bind(&r.chain)
+                    .push_bind(r.chain_seq)
+                    .push_bind(r.recorded_at)
+                    .push_bind(&r.practice_id)
+                    .push_bind(&r.action)
+                    .push_bind(&r.outcome)
+                    .push_bind(r.status_code)
+                    .push_bind(&r.actor_client_id)
+                    .push_bind(&r.actor_role)
+                    .push_bind(&r.resource_type)
+                    .push_bind(&r.resource_id)
+                    .push_bind(&r.patient_id)
+                    .push_bind(&r.source_ip)
+                    .push_bind(&r.user_agent)
+                    .push_bind(&r.request_id)
+                    .push_bind(&r.purpose_of_use)
+                    .push_bind(&r.prev_hash)
+                    .push_bind(&r.hash);
+            });
+            insert.build().execute(&mut *tx).await?;
         }
         for (chain, (seq, hash)) in &heads {
             sqlx::query(
