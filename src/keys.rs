@@ -13,8 +13,6 @@ use crate::crypto::{CryptoError, Keyring, MasterKey};
 pub enum MasterKeyError {
     #[error("FHIRGATE_ENV=production requires FHIRGATE_MASTER_KEY or master_key_file")]
     MissingInProduction,
-    #[error("cannot read master_key_file {path}: {reason}")]
-    File { path: String, reason: String },
     #[error("cannot write the development key {path}: {reason}")]
     DevKey { path: String, reason: String },
     #[error(transparent)]
@@ -31,16 +29,19 @@ pub const DEV_KEY_FILE: &str = "data/dev-master.key";
 
 impl MasterSecret {
     pub fn from_settings(settings: &Settings) -> Result<Self, MasterKeyError> {
-        let spec: Zeroizing<String> = if !settings.master_key.is_empty() {
-            Zeroizing::new(settings.master_key.expose().to_owned())
+        let keyring = if !settings.master_key.is_empty() {
+            Keyring::parse(settings.master_key.expose())
         } else if !settings.master_key_file.is_empty() {
-            read_spec(Path::new(&settings.master_key_file))?
+            load_file(Path::new(&settings.master_key_file))
         } else if settings.env == Environment::Production {
             return Err(MasterKeyError::MissingInProduction);
         } else {
-            dev_key(Path::new(DEV_KEY_FILE))?
+            ensure_dev_key(Path::new(DEV_KEY_FILE))?;
+            load_file(Path::new(DEV_KEY_FILE))
         };
-        Self::parse(&spec)
+        Ok(Self {
+            keyring: keyring.map_err(MasterKeyError::Spec)?,
+        })
     }
 
     /// Parses `KEYID:BASE64[,KEYID:BASE64...]`; the first key is the active one.
@@ -61,23 +62,19 @@ impl MasterSecret {
     }
 }
 
-fn read_spec(path: &Path) -> Result<Zeroizing<String>, MasterKeyError> {
+/// Reads a key file, warning when others than its owner may read it.
+fn load_file(path: &Path) -> Result<Keyring, CryptoError> {
     if let Some(loose) = crate::crypto::key_file_permission_warning(path) {
         tracing::warn!("{loose}");
     }
-    std::fs::read_to_string(path)
-        .map(|s| Zeroizing::new(s.trim().to_owned()))
-        .map_err(|e| MasterKeyError::File {
-            path: path.display().to_string(),
-            reason: e.kind().to_string(),
-        })
+    Keyring::from_file(path)
 }
 
-/// Loads the development key, creating it (mode 0600) on first use, and says so loudly.
-fn dev_key(path: &Path) -> Result<Zeroizing<String>, MasterKeyError> {
+/// Creates the development key (mode 0600) on first use, and says so loudly every time.
+fn ensure_dev_key(path: &Path) -> Result<(), MasterKeyError> {
     if path.exists() {
         tracing::warn!(file = %path.display(), "using the DEVELOPMENT master key; never use it for real PHI");
-        return read_spec(path);
+        return Ok(());
     }
     let err = |reason: String| MasterKeyError::DevKey {
         path: path.display().to_string(),
@@ -93,7 +90,7 @@ fn dev_key(path: &Path) -> Result<Zeroizing<String>, MasterKeyError> {
     match write_private(&PathBuf::from(path), spec.as_bytes()) {
         Ok(()) => {}
         // Another process created it first: use theirs.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return read_spec(path),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
         Err(e) => return Err(err(e.kind().to_string())),
     }
     tracing::warn!(file = %path.display(), "GENERATED a DEVELOPMENT master key; set FHIRGATE_MASTER_KEY before storing real PHI");
@@ -101,7 +98,7 @@ fn dev_key(path: &Path) -> Result<Zeroizing<String>, MasterKeyError> {
         "fhirgate: WARNING: no master key configured; generated a development key in {}",
         path.display()
     );
-    Ok(spec)
+    Ok(())
 }
 
 #[cfg(unix)]
