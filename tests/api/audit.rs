@@ -1,14 +1,14 @@
 //! The HIPAA audit trail: every request reaching the gate is recorded before its response, the
 //! per-practice hash chain verifies, tampering is detected (SQLite) or refused (PostgreSQL).
 
-use std::process::Command;
-
 use fhirgate::audit::{verify_chain, AuditRecord};
 use fhirgate::domain::ResourceId;
 use fhirgate::store::Backend;
 use serde_json::Value;
 
-use crate::auth::{register_client, request_token};
+use fhirgate::gate::Role;
+
+use crate::auth::{register_client, request_token, session};
 use crate::helpers::{backend, spawn_app, TestApp};
 
 async fn chain(app: &TestApp, chain: &str) -> Vec<AuditRecord> {
@@ -17,19 +17,8 @@ async fn chain(app: &TestApp, chain: &str) -> Vec<AuditRecord> {
 
 /// A practice's client, its token, and the practice id.
 async fn authenticated(app: &TestApp) -> (String, String) {
-    let client = register_client(app, "system/Patient.rs").await;
-    let res = request_token(app, &client.sign(&client.claims()), "system/Patient.rs").await;
-    let body: Value = res.json().await.unwrap();
-    let practice = app
-        .store
-        .get_client(&client.client_id)
-        .await
-        .unwrap()
-        .practice_id;
-    (
-        body["access_token"].as_str().unwrap().to_owned(),
-        practice.to_string(),
-    )
+    let s = session(app, "system/Patient.rs", Role::ExternalSystem).await;
+    (s.token, s.practice_id)
 }
 
 #[tokio::test]
@@ -140,14 +129,11 @@ async fn concurrent_requests_extend_the_chain_without_gaps_or_forks() {
     assert!(report.ok, "{report:?}");
 }
 
+/// The `fhirgate` binary run against the test app's database.
 fn fhirgate(app: &TestApp, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_fhirgate"))
+    crate::binary::fhirgate()
         .args(args)
         .env("FHIRGATE_DATABASE_URL", app.database_url.expose())
-        .env(
-            "FHIRGATE_MASTER_KEY",
-            format!("test1:{}", "A".repeat(43) + "="),
-        )
         .output()
         .unwrap()
 }

@@ -3,19 +3,15 @@
 
 use serde_json::Value;
 
-use crate::auth::{register_client, request_token};
+use fhirgate::gate::Role;
+
+use crate::auth::session;
 use crate::helpers::{assert_valid_fhir, fhir_body, spawn_app, TestApp};
 
 /// A token of a new practice's client allowed `scopes`, and the client id.
 async fn token(app: &TestApp, scopes: &str) -> (String, String) {
-    let client = register_client(app, scopes).await;
-    let res = request_token(app, &client.sign(&client.claims()), scopes).await;
-    assert_eq!(res.status(), 200);
-    let body: Value = res.json().await.unwrap();
-    (
-        body["access_token"].as_str().unwrap().to_owned(),
-        client.client_id,
-    )
+    let s = session(app, scopes, Role::ExternalSystem).await;
+    (s.token, s.client_id)
 }
 
 async fn get(app: &TestApp, path: &str, token: &str) -> reqwest::Response {

@@ -79,8 +79,13 @@ pub fn sign_with(key: &SigningKey, claims: &Value) -> String {
     jsonwebtoken::encode(&header, claims, &key.key).unwrap()
 }
 
-/// Creates a practice and a client of it allowed `scopes`, with an inline JWKS.
+/// Creates a practice and an `external_system` client of it allowed `scopes`, with an inline JWKS.
 pub async fn register_client(app: &TestApp, scopes: &str) -> TestClient {
+    register_client_as(app, scopes, Role::ExternalSystem).await
+}
+
+/// [`register_client`] with the client's role.
+pub async fn register_client_as(app: &TestApp, scopes: &str, role: Role) -> TestClient {
     let practice = app
         .store
         .create_practice(&NewPractice {
@@ -97,7 +102,7 @@ pub async fn register_client(app: &TestApp, scopes: &str) -> TestClient {
         .create_client(&NewApiClient {
             practice_id: practice.id,
             name: "Partner EHR".into(),
-            role: Role::ExternalSystem,
+            role,
             scopes: ScopeSet::parse(scopes).unwrap(),
             keys: ClientKeys::inline(&SigningKey::jwks(&[&key])).unwrap(),
         })
@@ -124,13 +129,34 @@ pub async fn request_token(app: &TestApp, assertion: &str, scope: &str) -> reqwe
         .unwrap()
 }
 
-/// A practice with a client allowed `scopes`, and an access token for them.
-pub async fn access_token(app: &TestApp, scopes: &str) -> String {
-    let client = register_client(app, scopes).await;
+/// A new practice's client of `role`, allowed and granted `scopes`, with its access token.
+pub struct Session {
+    pub token: String,
+    pub client_id: String,
+    pub practice_id: String,
+}
+
+pub async fn session(app: &TestApp, scopes: &str, role: Role) -> Session {
+    let client = register_client_as(app, scopes, role).await;
     let res = request_token(app, &client.sign(&client.claims()), scopes).await;
     assert_eq!(res.status(), 200);
     let body: Value = res.json().await.unwrap();
-    body["access_token"].as_str().unwrap().to_owned()
+    let practice_id = app
+        .store
+        .get_client(&client.client_id)
+        .await
+        .unwrap()
+        .practice_id;
+    Session {
+        token: body["access_token"].as_str().unwrap().to_owned(),
+        client_id: client.client_id,
+        practice_id: practice_id.to_string(),
+    }
+}
+
+/// A practice with an `external_system` client allowed `scopes`, and an access token for them.
+pub async fn access_token(app: &TestApp, scopes: &str) -> String {
+    session(app, scopes, Role::ExternalSystem).await.token
 }
 
 async fn oauth_error(res: reqwest::Response, status: u16, code: &str) {

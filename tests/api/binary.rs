@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use crate::helpers::TestDb;
 
-fn fhirgate() -> Command {
+/// The `fhirgate` binary with a fixed test master key and no inherited config file.
+pub(crate) fn fhirgate() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fhirgate"));
     cmd.env_remove("FHIRGATE_CONFIG").env(
         "FHIRGATE_MASTER_KEY",

@@ -2,49 +2,15 @@
 
 use serde_json::{json, Value};
 
-use crate::auth::{request_token, SigningKey, TestClient};
+use fhirgate::gate::Role;
+
+use crate::auth::{request_token, session, SigningKey, TestClient};
 use crate::helpers::{spawn_app, TestApp};
-use fhirgate::domain::{NewPractice, PracticeName, TimeZoneName};
-use fhirgate::gate::{ClientKeys, NewApiClient, Role, ScopeSet};
 
 /// A new practice with a client of `role`, and that client's token.
 async fn token_with_role(app: &TestApp, role: Role) -> (String, String) {
-    let practice = app
-        .store
-        .create_practice(&NewPractice {
-            name: PracticeName::parse("Lakeside").unwrap(),
-            timezone: TimeZoneName::default(),
-            npi: None,
-            tax_id: None,
-        })
-        .await
-        .unwrap();
-    let key = SigningKey::es384("k1");
-    let client = app
-        .store
-        .create_client(&NewApiClient {
-            practice_id: practice.id.clone(),
-            name: "admin console".into(),
-            role,
-            scopes: ScopeSet::parse("system/Patient.rs").unwrap(),
-            keys: ClientKeys::inline(&SigningKey::jwks(&[&key])).unwrap(),
-        })
-        .await
-        .unwrap();
-    let tc = TestClient {
-        client_id: client.client_id,
-        key,
-        token_url: app.url("/auth/token"),
-    };
-    let body: Value = request_token(app, &tc.sign(&tc.claims()), "system/Patient.rs")
-        .await
-        .json()
-        .await
-        .unwrap();
-    (
-        body["access_token"].as_str().unwrap().to_owned(),
-        practice.id.to_string(),
-    )
+    let s = session(app, "system/Patient.rs", role).await;
+    (s.token, s.practice_id)
 }
 
 #[tokio::test]

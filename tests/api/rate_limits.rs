@@ -3,7 +3,9 @@
 
 use serde_json::Value;
 
-use crate::auth::{access_token, register_client, request_token};
+use fhirgate::gate::Role;
+
+use crate::auth::{access_token, register_client, request_token, session};
 use crate::helpers::spawn_app_with;
 
 #[tokio::test]
@@ -68,30 +70,18 @@ async fn token_requests_are_limited_per_source_address() {
 #[tokio::test]
 async fn refused_requests_are_audited() {
     let app = spawn_app_with("[rate_limit]\nclient_points = 1\nwindow_secs = 3600\n").await;
-    let client = register_client(&app, "system/Patient.rs").await;
-    let body: Value = request_token(&app, &client.sign(&client.claims()), "system/Patient.rs")
-        .await
-        .json()
-        .await
-        .unwrap();
-    let token = body["access_token"].as_str().unwrap();
+    let s = session(&app, "system/Patient.rs", Role::ExternalSystem).await;
     for _ in 0..2 {
         app.client
             .get(app.url("/fhir/r4/Patient/p1"))
-            .bearer_auth(token)
+            .bearer_auth(&s.token)
             .send()
             .await
             .unwrap();
     }
-    let practice = app
-        .store
-        .get_client(&client.client_id)
-        .await
-        .unwrap()
-        .practice_id;
     let events = app
         .store
-        .audit_chain_page(practice.as_str(), 0, 100)
+        .audit_chain_page(&s.practice_id, 0, 100)
         .await
         .unwrap();
     let statuses: Vec<i64> = events.iter().map(|e| e.status_code).collect();
