@@ -13,7 +13,9 @@ use actix_web::{web, App, HttpServer};
 use crate::audit::middleware::audit_request;
 use crate::audit::AuditLog;
 use crate::config::Settings;
+use crate::crypto::{CryptoError, KeyId, PhiKeys, PhiVault, BLIND_INDEX_KEY_SETTING};
 use crate::fhir::capability::{Capability, CapabilityError};
+use crate::fhir::resources::search::SavedSearches;
 use crate::fhir::{self, FhirApi};
 use crate::gate::clients::JwksFetcher;
 use crate::gate::rate_limit::{limit_token, RateLimits};
@@ -32,6 +34,12 @@ pub struct AppState {
     pub gate: GateState,
     pub audit: AuditLog,
     pub rate_limits: Arc<RateLimits>,
+    /// What the PHI vault is made of; the vault itself opens once the store says which key its
+    /// blind indexes use (at start-up, or on first use when migrations were pending).
+    pub phi_keys: PhiKeys,
+    vault: tokio::sync::OnceCell<PhiVault>,
+    /// Parameters of `POST _search` requests, for their paging links.
+    pub saved_searches: SavedSearches,
     /// Benchmarks only (see [`BuildOptions`]).
     pub skip_audit: bool,
 }
@@ -65,6 +73,8 @@ pub enum StartupError {
     Capability(#[from] CapabilityError),
     #[error("master key: {0}")]
     MasterKey(#[from] MasterKeyError),
+    #[error("PHI keys: {0}")]
+    Crypto(#[from] CryptoError),
 }
 
 pub struct Application {
@@ -77,7 +87,11 @@ pub struct Application {
 
 /// The FHIR API as registered today. Later resources are added here.
 pub fn fhir_api() -> FhirApi {
-    FhirApi::new().resource(fhir::audit_event::resource())
+    FhirApi::new()
+        .resource(fhir::resources::resource_def(
+            &fhir::resources::patient::PATIENT,
+        ))
+        .resource(fhir::audit_event::resource())
 }
 
 pub fn pool_options(settings: &Settings) -> PoolOptions {
@@ -103,10 +117,10 @@ impl Application {
             store.migrate().await?;
         }
         let master = MasterSecret::from_settings(&settings)?;
-        Self::build_with_store(settings, store, &master, options)
+        Self::build_with_store(settings, store, &master, options).await
     }
 
-    pub fn build_with_store(
+    pub async fn build_with_store(
         settings: Settings,
         store: Arc<dyn Store>,
         master: &MasterSecret,
@@ -120,6 +134,18 @@ impl Application {
             addr: settings.listen,
             source,
         })?;
+        let phi_keys = PhiKeys::new(master.keyring());
+        let vault = tokio::sync::OnceCell::new();
+        match open_vault(&*store, &phi_keys).await {
+            Ok(v) => {
+                let _ = vault.set(v);
+            }
+            // A keyring without the blind index key would search wrongly: refuse to start.
+            Err(StartupError::Crypto(e)) => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!(error = %e, "PHI vault not opened yet (migrations pending?); will retry on first use")
+            }
+        }
         let base_url = settings.base_url(addr);
         let api = fhir_api();
         let capability = web::Data::new(Capability::build(&api, &base_url)?);
@@ -145,6 +171,9 @@ impl Application {
             base_url: base_url.clone(),
             audit,
             rate_limits: Arc::clone(&rate_limits),
+            phi_keys,
+            vault,
+            saved_searches: SavedSearches::default(),
             skip_audit: options.skip_audit,
         });
 
@@ -223,6 +252,32 @@ impl Application {
         self.store.close().await;
         tracing::info!("shutdown complete");
         result
+    }
+}
+
+/// The PHI vault: encryption under the active master key, blind indexes under the key the
+/// database recorded when it first indexed (recorded now if this database is new).
+pub async fn open_vault(store: &dyn Store, keys: &PhiKeys) -> Result<PhiVault, StartupError> {
+    let recorded = store
+        .crypto_setting(BLIND_INDEX_KEY_SETTING, keys.active_key_id().as_str())
+        .await?;
+    let key_id = KeyId::parse(&recorded)?;
+    Ok(keys.vault(&key_id)?)
+}
+
+impl AppState {
+    /// The PHI vault, opened on first use if start-up could not open it.
+    pub async fn vault(&self) -> Result<&PhiVault, ApiError> {
+        self.vault
+            .get_or_try_init(|| open_vault(&*self.store, &self.phi_keys))
+            .await
+            .map_err(|e| match e {
+                StartupError::Store(e) => ApiError::from(e),
+                other => {
+                    tracing::error!(error = %other, "PHI vault cannot open");
+                    ApiError::Internal
+                }
+            })
     }
 }
 

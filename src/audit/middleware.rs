@@ -6,9 +6,9 @@
 
 use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::http::{header, Method};
+use actix_web::http::{header, Method, StatusCode};
 use actix_web::middleware::Next;
-use actix_web::{web, Error, HttpMessage, ResponseError};
+use actix_web::{web, Error, HttpMessage, HttpRequest, ResponseError};
 
 use super::{Action, NewAuditEvent};
 use crate::domain::ResourceId;
@@ -80,6 +80,53 @@ pub(crate) fn classify(pattern: Option<&str>, method: &Method) -> (Action, Optio
     (action, resource_type)
 }
 
+/// The audit event of a request answered with `status`: the caller (or the actor the token
+/// endpoint learnt), the interaction from the route template, the id from the path (if valid),
+/// network facts and the declared purpose of use. Handlers that write call this to record the
+/// event inside their transaction, adjusting what only they know (a created resource's id, the
+/// patient a resource is about).
+pub fn request_event(request: &HttpRequest, status: StatusCode) -> NewAuditEvent {
+    let id = request
+        .match_info()
+        .get("id")
+        .and_then(|id| ResourceId::parse("id", id).ok())
+        .map(|id| id.to_string());
+    let pattern = request.match_pattern();
+    let (action, resource_type) = classify(pattern.as_deref(), request.method());
+    let headers = request.headers();
+    let mut event = NewAuditEvent {
+        action: Some(action),
+        status_code: status.as_u16(),
+        patient_id: (resource_type.as_deref() == Some("Patient"))
+            .then(|| id.clone())
+            .flatten(),
+        resource_id: id,
+        resource_type,
+        source_ip: request.peer_addr().map(|a| a.ip().to_string()),
+        user_agent: headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.chars().take(256).collect::<String>()),
+        purpose_of_use: headers
+            .get("x-purpose-of-use")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| PURPOSES.contains(v))
+            .map(str::to_owned),
+        request_id: request.extensions().get::<RequestId>().map(|r| r.0.clone()),
+        ..Default::default()
+    };
+    if let Some(caller) = request.extensions().get::<Caller>() {
+        event.practice_id = Some(caller.practice_id.clone());
+        event.actor_client_id = Some(caller.client_id.clone());
+        event.actor_role = Some(caller.role.as_str().to_owned());
+    } else if let Some(actor) = request.extensions().get::<AuditActor>() {
+        event.practice_id = Some(actor.practice_id.clone());
+        event.actor_client_id = Some(actor.client_id.clone());
+        event.actor_role = Some(actor.role.to_owned());
+    }
+    event
+}
+
 pub async fn audit_request(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
@@ -87,20 +134,6 @@ pub async fn audit_request(
     if is_public(req.path()) {
         return Ok(next.call(req).await?.map_into_left_body());
     }
-    let source_ip = req.peer_addr().map(|a| a.ip().to_string());
-    let user_agent = req
-        .headers()
-        .get(header::USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.chars().take(256).collect::<String>());
-    let purpose_of_use = req
-        .headers()
-        .get("x-purpose-of-use")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| PURPOSES.contains(v))
-        .map(str::to_owned);
-    let method = req.method().clone();
-
     let res = next.call(req).await?;
 
     let request = res.request();
@@ -114,36 +147,7 @@ pub async fn audit_request(
     else {
         return Ok(res.map_into_left_body());
     };
-    let id = request
-        .match_info()
-        .get("id")
-        .and_then(|id| ResourceId::parse("id", id).ok())
-        .map(|id| id.to_string());
-    let pattern = request.match_pattern();
-    let (action, resource_type) = classify(pattern.as_deref(), &method);
-    let mut event = NewAuditEvent {
-        action: Some(action),
-        status_code: res.status().as_u16(),
-        patient_id: (resource_type.as_deref() == Some("Patient"))
-            .then(|| id.clone())
-            .flatten(),
-        resource_id: id,
-        resource_type,
-        source_ip,
-        user_agent,
-        purpose_of_use,
-        request_id: request.extensions().get::<RequestId>().map(|r| r.0.clone()),
-        ..Default::default()
-    };
-    if let Some(caller) = request.extensions().get::<Caller>() {
-        event.practice_id = Some(caller.practice_id.clone());
-        event.actor_client_id = Some(caller.client_id.clone());
-        event.actor_role = Some(caller.role.as_str().to_owned());
-    } else if let Some(actor) = request.extensions().get::<AuditActor>() {
-        event.practice_id = Some(actor.practice_id.clone());
-        event.actor_client_id = Some(actor.client_id.clone());
-        event.actor_role = Some(actor.role.to_owned());
-    }
+    let event = request_event(request, res.status());
     match state.audit.record(event).await {
         Ok(()) => Ok(res.map_into_left_body()),
         Err(_) => {

@@ -35,6 +35,7 @@ pub fn field_aad(table_column: &str, row_id: &str) -> String {
 }
 
 /// Encrypts under the keyring's active key; decrypts under whichever key the envelope names.
+#[derive(Clone)]
 pub struct FieldCipher {
     /// The active key first, as in the keyring.
     ciphers: Vec<(KeyId, Aes256Gcm)>,

@@ -10,11 +10,13 @@ mod field;
 mod key;
 mod keyring;
 pub mod normalise;
+mod vault;
 
 pub use blind_index::BlindIndex;
 pub use field::{field_aad, FieldCipher, ENVELOPE_VERSION};
 pub use key::{KeyId, MasterKey, MAX_KEY_ID_LEN};
 pub use keyring::{key_file_permission_warning, Keyring, LooseKeyFile};
+pub use vault::{PhiKeys, PhiVault, VersionRef, BLIND_INDEX_KEY_SETTING};
 
 /// What went wrong, in words an operator can act on. Key ids (not secret) may appear; keys,
 /// plaintext and ciphertext never do.

@@ -8,6 +8,8 @@ pub mod audit_event;
 pub mod capability;
 pub mod negotiate;
 pub mod registry;
+pub mod resources;
+pub mod validate;
 
 use actix_web::middleware::from_fn;
 use actix_web::{web, HttpRequest};

@@ -23,6 +23,19 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     Conflict(String),
+    /// The resource existed and was deleted (410).
+    #[error("{0}")]
+    Gone(String),
+    /// `If-Match` or a conditional operation's precondition does not hold (412).
+    #[error("{0}")]
+    PreconditionFailed(String),
+    /// A resource that is not valid FHIR: one OperationOutcome issue per problem, each naming
+    /// the element path (400 for structure, 422 for rules the content breaks).
+    #[error("the resource is not valid")]
+    Invalid {
+        status: u16,
+        issues: Vec<serde_json::Value>,
+    },
     /// The database or another dependency is down or saturated; the client may retry.
     #[error("the service is temporarily unavailable; retry later")]
     Unavailable,
@@ -37,7 +50,9 @@ impl ApiError {
             ApiError::NotFound(_) => IssueType::NotFound,
             ApiError::MethodNotAllowed(_) | ApiError::NotAcceptable(_) => IssueType::NotSupported,
             ApiError::BadRequest(_) => IssueType::Invalid,
-            ApiError::Conflict(_) => IssueType::Conflict,
+            ApiError::Conflict(_) | ApiError::PreconditionFailed(_) => IssueType::Conflict,
+            ApiError::Gone(_) => IssueType::Deleted,
+            ApiError::Invalid { .. } => IssueType::Invalid,
             ApiError::Unavailable => IssueType::Transient,
             ApiError::Internal => IssueType::Exception,
         }
@@ -49,6 +64,9 @@ impl From<StoreError> for ApiError {
         match err {
             StoreError::NotFound => ApiError::NotFound("resource not found".into()),
             StoreError::Conflict(what) => ApiError::Conflict(what.into()),
+            StoreError::VersionConflict { .. } => ApiError::Conflict(
+                "the resource was changed by another request at the same time; retry".into(),
+            ),
             StoreError::Unavailable(cause) => {
                 tracing::warn!(%cause, "database unavailable");
                 ApiError::Unavailable
@@ -87,19 +105,34 @@ impl ResponseError for ApiError {
             ApiError::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Gone(_) => StatusCode::GONE,
+            ApiError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
+            ApiError::Invalid { status, .. } => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST)
+            }
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     fn error_response(&self) -> HttpResponse {
-        let outcome = operation_outcome(IssueSeverity::Error, self.issue_type(), self.to_string());
         let mut response = HttpResponse::build(self.status_code());
         response.insert_header((header::CONTENT_TYPE, FHIR_JSON));
         if matches!(self, ApiError::Unavailable) {
             response.insert_header((header::RETRY_AFTER, "5"));
         }
-        match serde_json::to_vec(&outcome) {
+        let body = match self {
+            ApiError::Invalid { issues, .. } => serde_json::to_vec(&serde_json::json!({
+                "resourceType": "OperationOutcome",
+                "issue": issues,
+            })),
+            _ => serde_json::to_vec(&operation_outcome(
+                IssueSeverity::Error,
+                self.issue_type(),
+                self.to_string(),
+            )),
+        };
+        match body {
             Ok(body) => response.body(body),
             Err(_) => response.finish(),
         }

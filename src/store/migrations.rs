@@ -29,6 +29,11 @@ pub(crate) const SQLITE: Embedded = Embedded(&[
         "audit_retention",
         include_str!("../../migrations/sqlite/0004_audit_retention.sql"),
     ),
+    (
+        5,
+        "fhir_resources",
+        include_str!("../../migrations/sqlite/0005_fhir_resources.sql"),
+    ),
 ]);
 
 pub(crate) const POSTGRES: Embedded = Embedded(&[
@@ -51,6 +56,11 @@ pub(crate) const POSTGRES: Embedded = Embedded(&[
         4,
         "audit_retention",
         include_str!("../../migrations/postgres/0004_audit_retention.sql"),
+    ),
+    (
+        5,
+        "fhir_resources",
+        include_str!("../../migrations/postgres/0005_fhir_resources.sql"),
     ),
 ]);
 

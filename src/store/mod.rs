@@ -4,6 +4,7 @@
 
 mod migrations;
 mod postgres;
+mod resources;
 mod sqlite;
 
 use std::sync::Arc;
@@ -18,6 +19,11 @@ use crate::gate::{ApiClient, ClientKeys, ClientStatus, NewApiClient};
 
 pub use migrations::MigrationStatus;
 pub use postgres::PgStore;
+pub use resources::{
+    Bound, CmpOp, Cond, Expect, IndexMatch, IndexRow, ResourceQuery, ResourceWrite, SealedVersion,
+    SortKey, StoredVersion,
+};
+pub(crate) use resources::{INDEX_INSERT_CHUNK, VERSION_COLUMNS};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +55,10 @@ pub enum StoreError {
     NotFound,
     #[error("conflict: {0}")]
     Conflict(&'static str),
+    /// A resource write found another version than it expected (write `index` of the batch):
+    /// someone else wrote first, or the resource exists / does not exist.
+    #[error("version conflict in write {index}")]
+    VersionConflict { index: usize },
     /// The database cannot be reached or no connection was free in time: callers answer 503.
     #[error("database unavailable: {0}")]
     Unavailable(String),
@@ -197,6 +207,54 @@ pub trait Store: Send + Sync + 'static {
     /// Audit events of one practice matching `query`, in chain order, with the total count.
     async fn search_audit(&self, query: &AuditQuery)
         -> Result<(Vec<AuditRecord>, i64), StoreError>;
+
+    /// Writes new versions of resources of one practice and their audit events in one
+    /// transaction: all or nothing. A write whose [`Expect`] does not hold fails the whole batch
+    /// with [`StoreError::VersionConflict`].
+    async fn write_resources(
+        &self,
+        practice: &ResourceId,
+        writes: &[ResourceWrite],
+        audit: &[NewAuditEvent],
+    ) -> Result<(), StoreError>;
+    /// The current version (`version` = None) or one version of a resource of the practice.
+    async fn read_resource(
+        &self,
+        practice: &ResourceId,
+        resource_type: &str,
+        id: &str,
+        version: Option<i64>,
+    ) -> Result<Option<StoredVersion>, StoreError>;
+    /// Versions of one resource, newest first, below `before_version`; and how many exist.
+    async fn resource_history(
+        &self,
+        practice: &ResourceId,
+        resource_type: &str,
+        id: &str,
+        before_version: Option<i64>,
+        limit: i64,
+    ) -> Result<(Vec<StoredVersion>, i64), StoreError>;
+    /// One page of current, non-deleted resources matching `query`.
+    async fn search_resources(
+        &self,
+        query: &ResourceQuery,
+    ) -> Result<Vec<StoredVersion>, StoreError>;
+    /// How many resources match `query` (paging ignored).
+    async fn count_resources(&self, query: &ResourceQuery) -> Result<i64, StoreError>;
+    /// A setting the stored data depends on, recording `default` if none is stored yet.
+    async fn crypto_setting(&self, name: &str, default: &str) -> Result<String, StoreError>;
+    /// Up to `limit` stored versions sealed under another key than `active_key` (all practices).
+    async fn sealed_not_under(
+        &self,
+        active_key: &str,
+        limit: i64,
+    ) -> Result<Vec<SealedVersion>, StoreError>;
+    /// Replaces sealed contents (each only if still under the key it was read with), in one
+    /// transaction; returns how many were replaced.
+    async fn reseal(
+        &self,
+        resealed: &[(SealedVersion, String, Vec<u8>)],
+    ) -> Result<u64, StoreError>;
 
     /// Closes the pool, waiting for connections in use to be returned.
     async fn close(&self);

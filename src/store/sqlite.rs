@@ -8,18 +8,18 @@ use async_trait::async_trait;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
+use sqlx::{Row, Sqlite, SqlitePool};
 
 use super::migrations::{MigrationStatus, SQLITE};
+use super::resources::shared_resource_sql;
 use super::{
-    chains_of, key_columns, now, retention_floor, AuditQuery, Backend, PoolOptions, PoolStats,
-    Store, StoreError, AUDIT_COLUMNS, AUDIT_FILTER, AUDIT_INSERT_CHUNK, CLIENT_COLUMNS,
+    key_columns, now, retention_floor, AuditQuery, Backend, PoolOptions, PoolStats, ResourceQuery,
+    ResourceWrite, SealedVersion, Store, StoreError, StoredVersion, AUDIT_COLUMNS, AUDIT_FILTER,
+    CLIENT_COLUMNS,
 };
-use crate::audit::chain::GENESIS;
 use crate::audit::{AuditRecord, NewAuditEvent, SYSTEM_CHAIN};
 use crate::domain::{new_resource_id, NewPractice, Practice, ResourceId};
 use crate::gate::{ApiClient, ClientKeys, ClientStatus, NewApiClient};
-use std::collections::HashMap;
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -55,7 +55,18 @@ impl SqliteStore {
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
+
+    /// A transaction for one practice's work. SQLite has no row-level security: every query
+    /// filters on the practice itself.
+    async fn begin_for(
+        &self,
+        _practice: &ResourceId,
+    ) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
+        Ok(self.pool.begin().await?)
+    }
 }
+
+shared_resource_sql!(SqliteStore, Sqlite, sqlx::sqlite::SqliteRow, "");
 
 fn practice_from(row: &SqliteRow) -> Result<Practice, sqlx::Error> {
     Ok(Practice {
@@ -318,74 +329,7 @@ impl Store for SqliteStore {
             return Ok(0);
         }
         let mut tx = self.pool.begin().await?;
-        let mut heads: HashMap<String, (i64, Vec<u8>)> = HashMap::new();
-        for chain in chains_of(events) {
-            let practice = (chain != SYSTEM_CHAIN).then_some(chain.as_str());
-            // A write first, so the transaction holds the write lock before it reads the head.
-            sqlx::query(
-                "INSERT INTO audit_chain_heads (chain, practice_id, last_seq, last_hash)
-                 VALUES (?1, ?2, 0, ?3) ON CONFLICT (chain) DO NOTHING",
-            )
-            .bind(&chain)
-            .bind(practice)
-            .bind(GENESIS.as_slice())
-            .execute(&mut *tx)
-            .await?;
-            let row =
-                sqlx::query("SELECT last_seq, last_hash FROM audit_chain_heads WHERE chain = ?1")
-                    .bind(&chain)
-                    .fetch_one(&mut *tx)
-                    .await?;
-            heads.insert(chain, (row.try_get("last_seq")?, row.try_get("last_hash")?));
-        }
-        // Chain every event first, then write them with one multi-row INSERT per chunk: one
-        // round trip to the database instead of one per event.
-        let mut records = Vec::with_capacity(events.len());
-        for event in events {
-            let chain = event.chain();
-            let head = heads
-                .get_mut(&chain)
-                .ok_or(StoreError::Conflict("audit chain head"))?;
-            let r = AuditRecord::next(event, head.0, &head.1, at);
-            *head = (r.chain_seq, r.hash.clone());
-            records.push(r);
-        }
-        for chunk in records.chunks(AUDIT_INSERT_CHUNK) {
-            let mut insert =
-                QueryBuilder::<Sqlite>::new(format!("INSERT INTO audit_events ({AUDIT_COLUMNS}) "));
-            insert.push_values(chunk, |mut row, r| {
-                row.push_bind(&r.id)
-                    .push_bind(&r.chain)
-                    .push_bind(r.chain_seq)
-                    .push_bind(r.recorded_at)
-                    .push_bind(&r.practice_id)
-                    .push_bind(&r.action)
-                    .push_bind(&r.outcome)
-                    .push_bind(r.status_code)
-                    .push_bind(&r.actor_client_id)
-                    .push_bind(&r.actor_role)
-                    .push_bind(&r.resource_type)
-                    .push_bind(&r.resource_id)
-                    .push_bind(&r.patient_id)
-                    .push_bind(&r.source_ip)
-                    .push_bind(&r.user_agent)
-                    .push_bind(&r.request_id)
-                    .push_bind(&r.purpose_of_use)
-                    .push_bind(&r.prev_hash)
-                    .push_bind(&r.hash);
-            });
-            insert.build().execute(&mut *tx).await?;
-        }
-        for (chain, (seq, hash)) in &heads {
-            sqlx::query(
-                "UPDATE audit_chain_heads SET last_seq = ?1, last_hash = ?2 WHERE chain = ?3",
-            )
-            .bind(seq)
-            .bind(hash)
-            .bind(chain)
-            .execute(&mut *tx)
-            .await?;
-        }
+        Self::append_audit_in(&mut tx, events, at).await?;
         tx.commit().await?;
         Ok(events.len())
     }
@@ -556,6 +500,68 @@ impl Store for SqliteStore {
             purged.push((chain, through));
         }
         Ok(purged)
+    }
+
+    async fn write_resources(
+        &self,
+        practice: &ResourceId,
+        writes: &[ResourceWrite],
+        audit: &[NewAuditEvent],
+    ) -> Result<(), StoreError> {
+        self.shared_write_resources(practice, writes, audit).await
+    }
+
+    async fn read_resource(
+        &self,
+        practice: &ResourceId,
+        resource_type: &str,
+        id: &str,
+        version: Option<i64>,
+    ) -> Result<Option<StoredVersion>, StoreError> {
+        self.shared_read_resource(practice, resource_type, id, version)
+            .await
+    }
+
+    async fn resource_history(
+        &self,
+        practice: &ResourceId,
+        resource_type: &str,
+        id: &str,
+        before_version: Option<i64>,
+        limit: i64,
+    ) -> Result<(Vec<StoredVersion>, i64), StoreError> {
+        self.shared_resource_history(practice, resource_type, id, before_version, limit)
+            .await
+    }
+
+    async fn search_resources(
+        &self,
+        query: &ResourceQuery,
+    ) -> Result<Vec<StoredVersion>, StoreError> {
+        self.shared_search_resources(query).await
+    }
+
+    async fn count_resources(&self, query: &ResourceQuery) -> Result<i64, StoreError> {
+        self.shared_count_resources(query).await
+    }
+
+    async fn crypto_setting(&self, name: &str, default: &str) -> Result<String, StoreError> {
+        self.shared_crypto_setting(name, default).await
+    }
+
+    async fn sealed_not_under(
+        &self,
+        active_key: &str,
+        limit: i64,
+    ) -> Result<Vec<SealedVersion>, StoreError> {
+        self.shared_sealed_not_under(active_key, limit).await
+    }
+
+    async fn reseal(
+        &self,
+        resealed: &[(SealedVersion, String, Vec<u8>)],
+    ) -> Result<u64, StoreError> {
+        self.shared_reseal(resealed).await
     }
 
     async fn close(&self) {

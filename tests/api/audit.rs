@@ -43,12 +43,13 @@ async fn every_gated_request_is_audited_before_its_response_without_phi() {
         .iter()
         .map(|e| (e.action.as_str(), e.status_code))
         .collect();
-    // No Patient interaction is registered yet, so the path names no resource: the event is an
-    // `access` whose type and id are not taken from the unmatched raw path.
-    assert_eq!(actions, [("token", 200), ("access", 404)]);
+    // A read of a patient that does not exist: type and id from the route template and the
+    // validated path parameter; the query string is not recorded.
+    assert_eq!(actions, [("token", 200), ("read", 404)]);
     let read = &events[1];
-    assert_eq!(read.resource_type, None);
-    assert_eq!(read.resource_id, None);
+    assert_eq!(read.resource_type.as_deref(), Some("Patient"));
+    assert_eq!(read.resource_id.as_deref(), Some("pat-1"));
+    assert_eq!(read.patient_id.as_deref(), Some("pat-1"));
     assert_eq!(read.outcome, "failure");
     assert_eq!(read.purpose_of_use.as_deref(), Some("TREAT"));
     assert_eq!(read.user_agent.as_deref(), Some("partner-ehr/1.0"));

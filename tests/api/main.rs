@@ -9,5 +9,6 @@ mod fhir_surface;
 mod helpers;
 mod internal_api;
 mod operations;
+mod patient;
 mod rate_limits;
 mod storage;

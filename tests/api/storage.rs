@@ -164,7 +164,8 @@ async fn every_tenant_table_has_row_level_security_on_postgres() {
     );
     let without_practice: Vec<String> = sqlx::query_scalar(
         "SELECT t.table_name::text FROM information_schema.tables t
-         WHERE t.table_schema = 'public' AND t.table_name NOT IN ('_sqlx_migrations', 'practices')
+         WHERE t.table_schema = 'public'
+           AND t.table_name NOT IN ('_sqlx_migrations', 'practices', 'crypto_settings')
            AND NOT EXISTS (SELECT 1 FROM information_schema.columns c
                            WHERE c.table_name = t.table_name AND c.column_name = 'practice_id')",
     )

@@ -1,0 +1,665 @@
+//! Versioned FHIR resources: the types the store speaks, and the SQL both backends share.
+//!
+//! A resource is a head row (`resources`: current version, time, deleted flag), one row per
+//! version (`resource_versions`: the sealed JSON) and its search index rows (`search_index`).
+//! The store never sees plaintext: contents arrive sealed and index values arrive as blind
+//! indexes or non-PHI tokens, both computed by the FHIR layer (`crate::fhir::resources`).
+//!
+//! The SQL is written once, in [`shared_resource_sql!`], and expanded for SQLite and PostgreSQL:
+//! placeholders are `$N` (SQLite numbers `$N` parameters by first appearance, which is why each
+//! statement introduces them in ascending order) or come from `QueryBuilder`.
+
+use crate::domain::ResourceId;
+
+/// A version as stored: the content is an AES-256-GCM envelope (absent for a deletion).
+#[derive(Debug, Clone)]
+pub struct StoredVersion {
+    pub resource_type: String,
+    pub id: String,
+    pub version_id: i64,
+    pub last_updated_us: i64,
+    pub deleted: bool,
+    pub content: Option<Vec<u8>>,
+}
+
+/// What a write expects to find, checked atomically (compare and set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// The resource must not exist (in this practice).
+    Absent,
+    /// The head must be at this version (deleted or not).
+    Version(i64),
+}
+
+/// One new version of a resource: a create, an update or (with no content) a deletion.
+#[derive(Debug, Clone)]
+pub struct ResourceWrite {
+    pub resource_type: String,
+    pub id: String,
+    pub expect: Expect,
+    pub version_id: i64,
+    pub last_updated_us: i64,
+    /// The sealed JSON and the id of the key that sealed it; `None` deletes.
+    pub sealed: Option<(String, Vec<u8>)>,
+    /// The search index rows of this version (replacing the previous version's).
+    pub index: Vec<IndexRow>,
+}
+
+/// One search index entry. PHI only ever appears as `hash`, a keyed blind index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexRow {
+    pub param: &'static str,
+    pub value: Option<String>,
+    pub hash: Option<Vec<u8>>,
+    pub low: Option<i64>,
+    pub high: Option<i64>,
+}
+
+impl IndexRow {
+    pub fn value(param: &'static str, value: impl Into<String>) -> Self {
+        Self {
+            param,
+            value: Some(value.into()),
+            hash: None,
+            low: None,
+            high: None,
+        }
+    }
+
+    pub fn hash(param: &'static str, hash: [u8; 32]) -> Self {
+        Self {
+            param,
+            value: None,
+            hash: Some(hash.to_vec()),
+            low: None,
+            high: None,
+        }
+    }
+
+    pub fn range(param: &'static str, low: i64, high: i64) -> Self {
+        Self {
+            param,
+            value: None,
+            hash: None,
+            low: Some(low),
+            high: Some(high),
+        }
+    }
+}
+
+/// A condition on an index row's date range (`high` is exclusive).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    LowGe(i64),
+    LowLt(i64),
+    HighLe(i64),
+    HighGt(i64),
+}
+
+/// What one index row must hold to match: every part given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IndexMatch {
+    pub value: Option<String>,
+    /// `Some(None)`: the value must be absent (an identifier with no system).
+    pub value_is_null: bool,
+    pub hash: Option<Vec<u8>>,
+    pub bounds: Vec<Bound>,
+}
+
+/// One condition of a search; all conditions must hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cond {
+    /// Some index row of `param` satisfies any of `any` (a comma-separated OR).
+    Index {
+        param: &'static str,
+        any: Vec<IndexMatch>,
+    },
+    /// The id is one of these.
+    Ids(Vec<String>),
+    /// `last_updated_us` compared with a value.
+    LastUpdated(CmpOp, i64),
+}
+
+/// A comparison of `_lastUpdated` with an instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CmpOp {
+    Ge,
+    Gt,
+    Le,
+    Lt,
+}
+
+impl CmpOp {
+    pub(crate) fn sql(self) -> &'static str {
+        match self {
+            CmpOp::Ge => " >= ",
+            CmpOp::Gt => " > ",
+            CmpOp::Le => " <= ",
+            CmpOp::Lt => " < ",
+        }
+    }
+}
+
+/// The order of a search (keyset paging runs over the same key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SortKey {
+    LastUpdated,
+    Id,
+}
+
+/// A search of one practice's current, non-deleted resources of one type.
+#[derive(Debug, Clone)]
+pub struct ResourceQuery {
+    pub practice: ResourceId,
+    pub resource_type: String,
+    pub conds: Vec<Cond>,
+    pub sort: SortKey,
+    pub descending: bool,
+    /// Keyset cursor: the (last_updated_us, id) of the last row already returned.
+    pub after: Option<(i64, String)>,
+    pub limit: i64,
+}
+
+/// A sealed version awaiting re-encryption under the active key (`fhirgate keys rotate`).
+#[derive(Debug, Clone)]
+pub struct SealedVersion {
+    pub practice_id: String,
+    pub resource_type: String,
+    pub id: String,
+    pub version_id: i64,
+    pub key_id: String,
+    pub content: Vec<u8>,
+}
+
+/// Index rows per multi-row INSERT (8 parameters each, far below both backends' limits).
+pub(crate) const INDEX_INSERT_CHUNK: usize = 1000;
+
+pub(crate) const VERSION_COLUMNS: &str =
+    "v.resource_type, v.id, v.version_id, v.last_updated_us, v.deleted, v.content";
+
+/// The SQL shared by both backends, expanded once per backend as inherent methods of its store.
+/// `$for_update` is the row-lock suffix for the audit chain head (`FOR UPDATE` on PostgreSQL;
+/// SQLite's transaction holds the database write lock already).
+macro_rules! shared_resource_sql {
+    ($store:ty, $db:ty, $row:ty, $for_update:literal) => {
+        fn version_from(row: &$row) -> Result<$crate::store::StoredVersion, sqlx::Error> {
+            use sqlx::Row;
+            Ok($crate::store::StoredVersion {
+                resource_type: row.try_get("resource_type")?,
+                id: row.try_get("id")?,
+                version_id: row.try_get("version_id")?,
+                last_updated_us: row.try_get("last_updated_us")?,
+                deleted: row.try_get("deleted")?,
+                content: row.try_get("content")?,
+            })
+        }
+
+        fn push_bound(q: &mut sqlx::QueryBuilder<'_, $db>, column_prefix: &str, bound: $crate::store::Bound) {
+            use $crate::store::Bound;
+            let (column, op, value) = match bound {
+                Bound::LowGe(v) => ("low", " >= ", v),
+                Bound::LowLt(v) => ("low", " < ", v),
+                Bound::HighLe(v) => ("high", " <= ", v),
+                Bound::HighGt(v) => ("high", " > ", v),
+            };
+            q.push(" AND ").push(column_prefix).push(column).push(op).push_bind(value);
+        }
+
+        /// The WHERE clause of a search (without paging).
+        fn push_search_filter(q: &mut sqlx::QueryBuilder<'_, $db>, query: &$crate::store::ResourceQuery) {
+            use $crate::store::Cond;
+            q.push(" WHERE r.practice_id = ")
+                .push_bind(query.practice.as_str().to_owned())
+                .push(" AND r.resource_type = ")
+                .push_bind(query.resource_type.clone())
+                .push(" AND r.deleted = ")
+                .push_bind(false);
+            for cond in &query.conds {
+                match cond {
+                    Cond::Index { param, any } => {
+                        q.push(
+                            " AND EXISTS (SELECT 1 FROM search_index s WHERE s.practice_id = r.practice_id \
+                             AND s.resource_type = r.resource_type AND s.resource_id = r.id AND s.param = ",
+                        )
+                        .push_bind(*param)
+                        .push(" AND (");
+                        for (i, m) in any.iter().enumerate() {
+                            if i > 0 {
+                                q.push(" OR ");
+                            }
+                            q.push("(1 = 1");
+                            if let Some(value) = &m.value {
+                                q.push(" AND s.value = ").push_bind(value.clone());
+                            }
+                            if m.value_is_null {
+                                q.push(" AND s.value IS NULL");
+                            }
+                            if let Some(hash) = &m.hash {
+                                q.push(" AND s.hash = ").push_bind(hash.clone());
+                            }
+                            for bound in &m.bounds {
+                                push_bound(q, "s.", *bound);
+                            }
+                            q.push(")");
+                        }
+                        if any.is_empty() {
+                            q.push("1 = 0");
+                        }
+                        q.push("))");
+                    }
+                    Cond::Ids(ids) => {
+                        q.push(" AND r.id IN (");
+                        let mut list = q.separated(", ");
+                        for id in ids {
+                            list.push_bind(id.clone());
+                        }
+                        if ids.is_empty() {
+                            list.push("NULL");
+                        }
+                        q.push(")");
+                    }
+                    Cond::LastUpdated(op, value) => {
+                        q.push(" AND r.last_updated_us").push(op.sql()).push_bind(*value);
+                    }
+                }
+            }
+        }
+
+        impl $store {
+            /// Appends audit events to their chains inside `tx` (the caller commits).
+            pub(crate) async fn append_audit_in(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                events: &[$crate::audit::NewAuditEvent],
+                at: time::OffsetDateTime,
+            ) -> Result<(), $crate::store::StoreError> {
+                use sqlx::Row;
+                use $crate::store::StoreError;
+                if events.is_empty() {
+                    return Ok(());
+                }
+                let mut heads: std::collections::HashMap<String, (i64, Vec<u8>)> =
+                    std::collections::HashMap::new();
+                for chain in $crate::store::chains_of(events) {
+                    let practice =
+                        (chain != $crate::audit::SYSTEM_CHAIN).then_some(chain.as_str());
+                    // A write first, so the transaction holds the write lock before it reads
+                    // the head.
+                    sqlx::query(
+                        "INSERT INTO audit_chain_heads (chain, practice_id, last_seq, last_hash)
+                         VALUES ($1, $2, 0, $3) ON CONFLICT (chain) DO NOTHING",
+                    )
+                    .bind(&chain)
+                    .bind(practice)
+                    .bind($crate::audit::chain::GENESIS.as_slice())
+                    .execute(&mut **tx)
+                    .await?;
+                    let row = sqlx::query(concat!(
+                        "SELECT last_seq, last_hash FROM audit_chain_heads WHERE chain = $1",
+                        $for_update
+                    ))
+                    .bind(&chain)
+                    .fetch_one(&mut **tx)
+                    .await?;
+                    heads.insert(chain, (row.try_get("last_seq")?, row.try_get("last_hash")?));
+                }
+                // Chain every event first, then write them with one multi-row INSERT per chunk.
+                let mut records = Vec::with_capacity(events.len());
+                for event in events {
+                    let chain = event.chain();
+                    let head = heads
+                        .get_mut(&chain)
+                        .ok_or(StoreError::Conflict("audit chain head"))?;
+                    let r = $crate::audit::AuditRecord::next(event, head.0, &head.1, at);
+                    *head = (r.chain_seq, r.hash.clone());
+                    records.push(r);
+                }
+                for chunk in records.chunks($crate::store::AUDIT_INSERT_CHUNK) {
+                    let mut insert = sqlx::QueryBuilder::<$db>::new(format!(
+                        "INSERT INTO audit_events ({}) ",
+                        $crate::store::AUDIT_COLUMNS
+                    ));
+                    insert.push_values(chunk, |mut row, r| {
+                        row.push_bind(&r.id)
+                            .push_bind(&r.chain)
+                            .push_bind(r.chain_seq)
+                            .push_bind(r.recorded_at)
+                            .push_bind(&r.practice_id)
+                            .push_bind(&r.action)
+                            .push_bind(&r.outcome)
+                            .push_bind(r.status_code)
+                            .push_bind(&r.actor_client_id)
+                            .push_bind(&r.actor_role)
+                            .push_bind(&r.resource_type)
+                            .push_bind(&r.resource_id)
+                            .push_bind(&r.patient_id)
+                            .push_bind(&r.source_ip)
+                            .push_bind(&r.user_agent)
+                            .push_bind(&r.request_id)
+                            .push_bind(&r.purpose_of_use)
+                            .push_bind(&r.prev_hash)
+                            .push_bind(&r.hash);
+                    });
+                    insert.build().execute(&mut **tx).await?;
+                }
+                for (chain, (seq, hash)) in &heads {
+                    sqlx::query(
+                        "UPDATE audit_chain_heads SET last_seq = $1, last_hash = $2 WHERE chain = $3",
+                    )
+                    .bind(seq)
+                    .bind(hash)
+                    .bind(chain)
+                    .execute(&mut **tx)
+                    .await?;
+                }
+                Ok(())
+            }
+
+            async fn shared_write_resources(
+                &self,
+                practice: &$crate::domain::ResourceId,
+                writes: &[$crate::store::ResourceWrite],
+                audit: &[$crate::audit::NewAuditEvent],
+            ) -> Result<(), $crate::store::StoreError> {
+                use $crate::store::{Expect, StoreError, INDEX_INSERT_CHUNK};
+                let mut tx = self.begin_for(practice).await?;
+                for (index, w) in writes.iter().enumerate() {
+                    let deleted = w.sealed.is_none();
+                    let moved = match w.expect {
+                        Expect::Absent => {
+                            let inserted = sqlx::query(
+                                "INSERT INTO resources (practice_id, resource_type, id, version_id, last_updated_us, deleted)
+                                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                            )
+                            .bind(practice.as_str())
+                            .bind(&w.resource_type)
+                            .bind(&w.id)
+                            .bind(w.version_id)
+                            .bind(w.last_updated_us)
+                            .bind(deleted)
+                            .execute(&mut *tx)
+                            .await?;
+                            inserted.rows_affected() == 1
+                        }
+                        Expect::Version(current) => {
+                            let updated = sqlx::query(
+                                "UPDATE resources SET version_id = $1, last_updated_us = $2, deleted = $3
+                                 WHERE practice_id = $4 AND resource_type = $5 AND id = $6 AND version_id = $7",
+                            )
+                            .bind(w.version_id)
+                            .bind(w.last_updated_us)
+                            .bind(deleted)
+                            .bind(practice.as_str())
+                            .bind(&w.resource_type)
+                            .bind(&w.id)
+                            .bind(current)
+                            .execute(&mut *tx)
+                            .await?;
+                            updated.rows_affected() == 1
+                        }
+                    };
+                    if !moved {
+                        return Err(StoreError::VersionConflict { index });
+                    }
+                    let (key_id, content) = match &w.sealed {
+                        Some((key_id, content)) => (Some(key_id.as_str()), Some(content.as_slice())),
+                        None => (None, None),
+                    };
+                    sqlx::query(
+                        "INSERT INTO resource_versions (practice_id, resource_type, id, version_id, last_updated_us, deleted, key_id, content)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    )
+                    .bind(practice.as_str())
+                    .bind(&w.resource_type)
+                    .bind(&w.id)
+                    .bind(w.version_id)
+                    .bind(w.last_updated_us)
+                    .bind(deleted)
+                    .bind(key_id)
+                    .bind(content)
+                    .execute(&mut *tx)
+                    .await?;
+                    if w.expect != Expect::Absent {
+                        sqlx::query(
+                            "DELETE FROM search_index WHERE practice_id = $1 AND resource_type = $2 AND resource_id = $3",
+                        )
+                        .bind(practice.as_str())
+                        .bind(&w.resource_type)
+                        .bind(&w.id)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    if !deleted {
+                        for chunk in w.index.chunks(INDEX_INSERT_CHUNK) {
+                            let mut insert = sqlx::QueryBuilder::<$db>::new(
+                                "INSERT INTO search_index (practice_id, resource_type, resource_id, param, value, hash, low, high) ",
+                            );
+                            insert.push_values(chunk, |mut row, ix| {
+                                row.push_bind(practice.as_str())
+                                    .push_bind(&w.resource_type)
+                                    .push_bind(&w.id)
+                                    .push_bind(ix.param)
+                                    .push_bind(&ix.value)
+                                    .push_bind(&ix.hash)
+                                    .push_bind(ix.low)
+                                    .push_bind(ix.high);
+                            });
+                            insert.build().execute(&mut *tx).await?;
+                        }
+                    }
+                }
+                Self::append_audit_in(&mut tx, audit, $crate::store::now()).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn shared_read_resource(
+                &self,
+                practice: &$crate::domain::ResourceId,
+                resource_type: &str,
+                id: &str,
+                version: Option<i64>,
+            ) -> Result<Option<$crate::store::StoredVersion>, $crate::store::StoreError> {
+                let mut tx = self.begin_for(practice).await?;
+                let row = match version {
+                    None => {
+                        sqlx::query(
+                            "SELECT v.resource_type, v.id, v.version_id, v.last_updated_us, v.deleted, v.content
+                             FROM resources r JOIN resource_versions v
+                               ON v.practice_id = r.practice_id AND v.resource_type = r.resource_type
+                              AND v.id = r.id AND v.version_id = r.version_id
+                             WHERE r.practice_id = $1 AND r.resource_type = $2 AND r.id = $3",
+                        )
+                        .bind(practice.as_str())
+                        .bind(resource_type)
+                        .bind(id)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                    }
+                    Some(vid) => {
+                        sqlx::query(
+                            "SELECT v.resource_type, v.id, v.version_id, v.last_updated_us, v.deleted, v.content
+                             FROM resource_versions v
+                             WHERE v.practice_id = $1 AND v.resource_type = $2 AND v.id = $3 AND v.version_id = $4",
+                        )
+                        .bind(practice.as_str())
+                        .bind(resource_type)
+                        .bind(id)
+                        .bind(vid)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                    }
+                };
+                tx.commit().await?;
+                Ok(row.as_ref().map(version_from).transpose()?)
+            }
+
+            async fn shared_resource_history(
+                &self,
+                practice: &$crate::domain::ResourceId,
+                resource_type: &str,
+                id: &str,
+                before_version: Option<i64>,
+                limit: i64,
+            ) -> Result<(Vec<$crate::store::StoredVersion>, i64), $crate::store::StoreError> {
+                let mut tx = self.begin_for(practice).await?;
+                let rows = sqlx::query(
+                    "SELECT v.resource_type, v.id, v.version_id, v.last_updated_us, v.deleted, v.content
+                     FROM resource_versions v
+                     WHERE v.practice_id = $1 AND v.resource_type = $2 AND v.id = $3 AND v.version_id < $4
+                     ORDER BY v.version_id DESC LIMIT $5",
+                )
+                .bind(practice.as_str())
+                .bind(resource_type)
+                .bind(id)
+                .bind(before_version.unwrap_or(i64::MAX))
+                .bind(limit)
+                .fetch_all(&mut *tx)
+                .await?;
+                let total: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM resource_versions WHERE practice_id = $1 AND resource_type = $2 AND id = $3",
+                )
+                .bind(practice.as_str())
+                .bind(resource_type)
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                let versions = rows.iter().map(version_from).collect::<Result<_, _>>()?;
+                Ok((versions, total))
+            }
+
+            async fn shared_search_resources(
+                &self,
+                query: &$crate::store::ResourceQuery,
+            ) -> Result<Vec<$crate::store::StoredVersion>, $crate::store::StoreError> {
+                use $crate::store::SortKey;
+                let mut q = sqlx::QueryBuilder::<$db>::new(format!(
+                    "SELECT {} FROM resources r JOIN resource_versions v
+                       ON v.practice_id = r.practice_id AND v.resource_type = r.resource_type
+                      AND v.id = r.id AND v.version_id = r.version_id",
+                    $crate::store::VERSION_COLUMNS
+                ));
+                push_search_filter(&mut q, query);
+                let (cmp, dir) = if query.descending { (" < ", " DESC") } else { (" > ", " ASC") };
+                if let Some((last_updated, id)) = &query.after {
+                    match query.sort {
+                        SortKey::LastUpdated => {
+                            q.push(" AND (r.last_updated_us")
+                                .push(cmp)
+                                .push_bind(*last_updated)
+                                .push(" OR (r.last_updated_us = ")
+                                .push_bind(*last_updated)
+                                .push(" AND r.id")
+                                .push(cmp)
+                                .push_bind(id.clone())
+                                .push("))");
+                        }
+                        SortKey::Id => {
+                            q.push(" AND r.id").push(cmp).push_bind(id.clone());
+                        }
+                    }
+                }
+                match query.sort {
+                    SortKey::LastUpdated => {
+                        q.push(" ORDER BY r.last_updated_us").push(dir).push(", r.id").push(dir);
+                    }
+                    SortKey::Id => {
+                        q.push(" ORDER BY r.id").push(dir);
+                    }
+                }
+                q.push(" LIMIT ").push_bind(query.limit);
+                let mut tx = self.begin_for(&query.practice).await?;
+                let rows = q.build().fetch_all(&mut *tx).await?;
+                tx.commit().await?;
+                Ok(rows.iter().map(version_from).collect::<Result<_, _>>()?)
+            }
+
+            async fn shared_count_resources(
+                &self,
+                query: &$crate::store::ResourceQuery,
+            ) -> Result<i64, $crate::store::StoreError> {
+                let mut q = sqlx::QueryBuilder::<$db>::new("SELECT COUNT(*) FROM resources r");
+                push_search_filter(&mut q, query);
+                let mut tx = self.begin_for(&query.practice).await?;
+                let total: i64 = q.build_query_scalar().fetch_one(&mut *tx).await?;
+                tx.commit().await?;
+                Ok(total)
+            }
+
+            async fn shared_crypto_setting(
+                &self,
+                name: &str,
+                default: &str,
+            ) -> Result<String, $crate::store::StoreError> {
+                sqlx::query(
+                    "INSERT INTO crypto_settings (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+                )
+                .bind(name)
+                .bind(default)
+                .execute(&self.pool)
+                .await?;
+                Ok(sqlx::query_scalar("SELECT value FROM crypto_settings WHERE name = $1")
+                    .bind(name)
+                    .fetch_one(&self.pool)
+                    .await?)
+            }
+
+            async fn shared_sealed_not_under(
+                &self,
+                active_key: &str,
+                limit: i64,
+            ) -> Result<Vec<$crate::store::SealedVersion>, $crate::store::StoreError> {
+                use sqlx::Row;
+                let rows = sqlx::query(
+                    "SELECT practice_id, resource_type, id, version_id, key_id, content
+                     FROM resource_versions WHERE key_id IS NOT NULL AND key_id <> $1 LIMIT $2",
+                )
+                .bind(active_key)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok($crate::store::SealedVersion {
+                            practice_id: row.try_get("practice_id")?,
+                            resource_type: row.try_get("resource_type")?,
+                            id: row.try_get("id")?,
+                            version_id: row.try_get("version_id")?,
+                            key_id: row.try_get("key_id")?,
+                            content: row.try_get("content")?,
+                        })
+                    })
+                    .collect::<Result<_, sqlx::Error>>()
+                    .map_err(Into::into)
+            }
+
+            async fn shared_reseal(
+                &self,
+                resealed: &[($crate::store::SealedVersion, String, Vec<u8>)],
+            ) -> Result<u64, $crate::store::StoreError> {
+                let mut tx = self.pool.begin().await?;
+                let mut done = 0;
+                for (old, key_id, content) in resealed {
+                    done += sqlx::query(
+                        "UPDATE resource_versions SET key_id = $1, content = $2
+                         WHERE practice_id = $3 AND resource_type = $4 AND id = $5 AND version_id = $6 AND key_id = $7",
+                    )
+                    .bind(key_id)
+                    .bind(content)
+                    .bind(&old.practice_id)
+                    .bind(&old.resource_type)
+                    .bind(&old.id)
+                    .bind(old.version_id)
+                    .bind(&old.key_id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                }
+                tx.commit().await?;
+                Ok(done)
+            }
+        }
+    };
+}
+
+pub(crate) use shared_resource_sql;
