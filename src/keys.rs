@@ -62,6 +62,54 @@ impl MasterSecret {
     }
 }
 
+/// Why a rotation stopped. Names key ids and counts, never content.
+#[derive(Debug, thiserror::Error)]
+pub enum RotationError {
+    #[error("storage: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error(
+        "a stored version does not open ({0}); rows already re-encrypted stay so, run again \
+         once the key spec holds every key in use"
+    )]
+    Crypto(#[from] CryptoError),
+}
+
+/// Re-encrypts every stored resource version that is not under the vault's active key, `batch`
+/// rows per transaction, and returns how many were re-encrypted. Safe while the gateway serves
+/// (each row is replaced only if still under the key it was read with; old keys keep decrypting
+/// until the end) and resumable: stopped at any point, a new run continues with what is left.
+/// `progress` is told the running total after each batch.
+pub async fn rotate_sealed(
+    store: &dyn crate::store::Store,
+    vault: &crate::crypto::PhiVault,
+    batch: i64,
+    mut progress: impl FnMut(u64),
+) -> Result<u64, RotationError> {
+    use crate::crypto::VersionRef;
+    let active = vault.active_key_id().as_str().to_owned();
+    let mut done = 0;
+    loop {
+        let rows = store.sealed_not_under(&active, batch.max(1)).await?;
+        if rows.is_empty() {
+            return Ok(done);
+        }
+        let mut resealed = Vec::with_capacity(rows.len());
+        for row in rows {
+            let at = VersionRef {
+                practice_id: &row.practice_id,
+                resource_type: &row.resource_type,
+                id: &row.id,
+                version_id: row.version_id,
+            };
+            let plain = vault.open(at, &row.content)?;
+            let (key_id, sealed) = vault.seal(at, &plain);
+            resealed.push((row, key_id, sealed));
+        }
+        done += store.reseal(&resealed).await?;
+        progress(done);
+    }
+}
+
 /// Reads a key file, warning when others than its owner may read it.
 fn load_file(path: &Path) -> Result<Keyring, CryptoError> {
     if let Some(loose) = crate::crypto::key_file_permission_warning(path) {

@@ -13,7 +13,9 @@ use actix_web::{web, App, HttpServer};
 use crate::audit::middleware::audit_request;
 use crate::audit::AuditLog;
 use crate::config::Settings;
-use crate::crypto::{CryptoError, KeyId, PhiKeys, PhiVault, BLIND_INDEX_KEY_SETTING};
+use crate::crypto::{
+    CryptoError, KeyId, PhiKeys, PhiVault, BLIND_INDEX_CHECK_SETTING, BLIND_INDEX_KEY_SETTING,
+};
 use crate::fhir::capability::{Capability, CapabilityError};
 use crate::fhir::resources::search::SavedSearches;
 use crate::fhir::{self, FhirApi};
@@ -262,7 +264,15 @@ pub async fn open_vault(store: &dyn Store, keys: &PhiKeys) -> Result<PhiVault, S
         .crypto_setting(BLIND_INDEX_KEY_SETTING, keys.active_key_id().as_str())
         .await?;
     let key_id = KeyId::parse(&recorded)?;
-    Ok(keys.vault(&key_id)?)
+    let vault = keys.vault(&key_id)?;
+    let check = vault.key_check();
+    let recorded_check = store
+        .crypto_setting(BLIND_INDEX_CHECK_SETTING, &check)
+        .await?;
+    if !crate::crypto::constant_time_eq(recorded_check.as_bytes(), check.as_bytes()) {
+        return Err(CryptoError::BlindIndexKeyMismatch(key_id).into());
+    }
+    Ok(vault)
 }
 
 impl AppState {

@@ -45,6 +45,9 @@ pub enum Command {
     /// Verify and export the audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Master keys: re-encrypt stored PHI under the active key.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Exit 0 when the gateway at --url answers /healthz (for container health checks).
     Healthcheck {
         #[arg(long, default_value = "http://127.0.0.1:8080/healthz")]
@@ -117,6 +120,20 @@ pub enum AuditCommand {
         #[arg(long)]
         since: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Re-encrypt every stored resource version not yet under the active key (the first key of
+    /// the master key spec), in batches, while the gateway serves; resumable. Prints the key
+    /// counts afterwards as one JSON line.
+    Rotate {
+        /// Rows per transaction.
+        #[arg(long, default_value_t = 500)]
+        batch_size: i64,
+    },
+    /// Print how many stored versions each key id seals, and the active key, as one JSON line.
+    Status,
 }
 
 #[derive(Debug, Args)]
@@ -238,6 +255,7 @@ async fn dispatch(command: Command, settings: Settings) -> Result<(), CliError> 
         Command::Practices(cmd) => practices(cmd, settings).await,
         Command::Clients(cmd) => clients(cmd, settings).await,
         Command::Audit(cmd) => audit(cmd, settings).await,
+        Command::Keys(cmd) => keys(cmd, settings).await,
         Command::Healthcheck { .. } => unreachable!("handled before loading settings"),
     }
 }
@@ -380,6 +398,47 @@ fn parse_since(value: &str) -> Result<time::OffsetDateTime, CliError> {
     time::Date::parse(value, &format)
         .map(|d| d.midnight().assume_utc())
         .map_err(|_| CliError::Usage("--since: expected RFC 3339 time or YYYY-MM-DD".into()))
+}
+
+async fn keys(cmd: KeysCommand, settings: Settings) -> Result<(), CliError> {
+    let failed = |e: &dyn std::fmt::Display| CliError::Failed(e.to_string());
+    let master = crate::keys::MasterSecret::from_settings(&settings)
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    let store = store::connect(&settings.database_url, &pool_options(&settings))
+        .await
+        .map_err(|e| failed(&e))?;
+    let result = async {
+        let keys = crate::crypto::PhiKeys::new(master.keyring());
+        let vault = crate::startup::open_vault(&*store, &keys)
+            .await
+            .map_err(|e| failed(&e))?;
+        let resealed = match cmd {
+            KeysCommand::Rotate { batch_size } => {
+                let n = crate::keys::rotate_sealed(&*store, &vault, batch_size, |done| {
+                    eprintln!("fhirgate: re-encrypted {done} resource versions");
+                })
+                .await
+                .map_err(|e| failed(&e))?;
+                Some(n)
+            }
+            KeysCommand::Status => None,
+        };
+        let counts = store.sealed_key_counts().await.map_err(|e| failed(&e))?;
+        let by_key: serde_json::Map<String, serde_json::Value> =
+            counts.into_iter().map(|(key, n)| (key, n.into())).collect();
+        let mut line = serde_json::json!({
+            "active_key": vault.active_key_id().as_str(),
+            "versions_by_key": by_key,
+        });
+        if let Some(n) = resealed {
+            line["reencrypted"] = n.into();
+        }
+        print_json(&line);
+        Ok(())
+    }
+    .await;
+    store.close().await;
+    result
 }
 
 async fn audit(cmd: AuditCommand, settings: Settings) -> Result<(), CliError> {

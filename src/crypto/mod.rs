@@ -16,7 +16,9 @@ pub use blind_index::BlindIndex;
 pub use field::{field_aad, FieldCipher, ENVELOPE_VERSION};
 pub use key::{KeyId, MasterKey, MAX_KEY_ID_LEN};
 pub use keyring::{key_file_permission_warning, Keyring, LooseKeyFile};
-pub use vault::{PhiKeys, PhiVault, VersionRef, BLIND_INDEX_KEY_SETTING};
+pub use vault::{
+    PhiKeys, PhiVault, VersionRef, BLIND_INDEX_CHECK_SETTING, BLIND_INDEX_KEY_SETTING,
+};
 
 /// What went wrong, in words an operator can act on. Key ids (not secret) may appear; keys,
 /// plaintext and ciphertext never do.
@@ -52,6 +54,11 @@ pub enum CryptoError {
          under the new key has finished"
     )]
     BlindIndexKeyMissing(KeyId),
+    #[error(
+        "key `{0}` in the master key spec is not the key this database's blind indexes were \
+         computed with (same id, different key)"
+    )]
+    BlindIndexKeyMismatch(KeyId),
     #[error("{0}")]
     NotIndexable(&'static str),
 }

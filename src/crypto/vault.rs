@@ -8,6 +8,8 @@ use super::{field_aad, BlindIndex, CryptoError, FieldCipher, KeyId, Keyring};
 
 /// The name under which the store records the blind index key id.
 pub const BLIND_INDEX_KEY_SETTING: &str = "blind_index_key_id";
+/// The name under which the store records [`PhiVault::key_check`].
+pub const BLIND_INDEX_CHECK_SETTING: &str = "blind_index_key_check";
 
 /// Where a sealed resource version lives; bound into its ciphertext as associated data, so a
 /// ciphertext moved to another practice, resource or version no longer opens.
@@ -118,6 +120,25 @@ impl PhiVault {
     /// Whether a sealed content should be re-sealed under the active key.
     pub fn needs_reseal(&self, sealed: &[u8]) -> Result<bool, CryptoError> {
         self.cipher.needs_reencryption(sealed)
+    }
+
+    /// A check value of the blind index key (its index of a fixed label, hex): recorded beside
+    /// the key id, it tells a different key under the same id apart before any search runs.
+    /// Reveals nothing of the key (an HMAC output).
+    pub fn key_check(&self) -> String {
+        use std::fmt::Write;
+        self.index.compute("fhirgate.key-check", "").iter().fold(
+            String::with_capacity(64),
+            |mut s, b| {
+                let _ = write!(s, "{b:02x}");
+                s
+            },
+        )
+    }
+
+    /// The key id of the blind indexes.
+    pub fn blind_index_key_id(&self) -> &KeyId {
+        self.index.key_id()
     }
 
     /// The blind index of an already normalised value in a column label.

@@ -249,6 +249,8 @@ pub trait Store: Send + Sync + 'static {
         active_key: &str,
         limit: i64,
     ) -> Result<Vec<SealedVersion>, StoreError>;
+    /// How many stored versions are sealed under each key id (all practices).
+    async fn sealed_key_counts(&self) -> Result<Vec<(String, i64)>, StoreError>;
     /// Replaces sealed contents (each only if still under the key it was read with), in one
     /// transaction; returns how many were replaced.
     async fn reseal(

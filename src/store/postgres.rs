@@ -584,6 +584,10 @@ impl Store for PgStore {
         self.shared_sealed_not_under(active_key, limit).await
     }
 
+    async fn sealed_key_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        self.shared_sealed_key_counts().await
+    }
+
     async fn reseal(
         &self,
         resealed: &[(SealedVersion, String, Vec<u8>)],

@@ -633,6 +633,22 @@ macro_rules! shared_resource_sql {
                     .map_err(Into::into)
             }
 
+            async fn shared_sealed_key_counts(
+                &self,
+            ) -> Result<Vec<(String, i64)>, $crate::store::StoreError> {
+                use sqlx::Row;
+                let rows = sqlx::query(
+                    "SELECT key_id, COUNT(*) AS n FROM resource_versions
+                     WHERE key_id IS NOT NULL GROUP BY key_id ORDER BY key_id",
+                )
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|row| Ok((row.try_get("key_id")?, row.try_get("n")?)))
+                    .collect::<Result<_, sqlx::Error>>()
+                    .map_err(Into::into)
+            }
+
             async fn shared_reseal(
                 &self,
                 resealed: &[($crate::store::SealedVersion, String, Vec<u8>)],

@@ -26,6 +26,7 @@ fn now() -> u64 {
 }
 
 /// A P-384 key pair and its public JWK.
+#[derive(Clone)]
 pub struct SigningKey {
     pub kid: String,
     pub key: EncodingKey,
@@ -134,6 +135,17 @@ pub struct Session {
     pub token: String,
     pub client_id: String,
     pub practice_id: String,
+    pub client: TestClient,
+}
+
+/// An access token from `app` (any gateway on the same database) for an existing client.
+pub async fn token_at(app: &TestApp, client: &TestClient, scopes: &str) -> String {
+    let mut claims = client.claims();
+    claims["aud"] = json!(app.url("/auth/token"));
+    let res = request_token(app, &client.sign(&claims), scopes).await;
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    body["access_token"].as_str().unwrap().to_owned()
 }
 
 pub async fn session(app: &TestApp, scopes: &str, role: Role) -> Session {
@@ -149,8 +161,9 @@ pub async fn session(app: &TestApp, scopes: &str, role: Role) -> Session {
         .practice_id;
     Session {
         token: body["access_token"].as_str().unwrap().to_owned(),
-        client_id: client.client_id,
+        client_id: client.client_id.clone(),
         practice_id: practice_id.to_string(),
+        client,
     }
 }
 

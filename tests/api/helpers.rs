@@ -110,8 +110,8 @@ pub struct TestApp {
     pub store: Arc<dyn Store>,
     pub database_url: DatabaseUrl,
     handle: actix_web::dev::ServerHandle,
-    // Dropped last: the database outlives the server.
-    _db: TestDb,
+    // Dropped last: the database outlives the server (None: another TestApp owns it).
+    _db: Option<TestDb>,
 }
 
 impl TestApp {
@@ -135,13 +135,26 @@ impl Drop for TestApp {
     }
 }
 
-/// Settings for a test: random port, the given database, quiet logs. `extra` is TOML layered on.
+/// A fresh master key spec, `test1:BASE64`.
+pub fn test_master_key() -> String {
+    format!(
+        "test1:{}",
+        base64::engine::general_purpose::STANDARD.encode(uuid::Uuid::new_v4().as_bytes().repeat(2))
+    )
+}
+
+/// Settings for a test: random port, the given database, quiet logs, a fresh master key unless
+/// `extra` sets one. `extra` is TOML layered on.
 pub fn test_settings(database_url: &DatabaseUrl, extra: &str) -> Settings {
+    let key = if extra.contains("master_key") {
+        String::new()
+    } else {
+        format!("master_key = '{}'\n", test_master_key())
+    };
     Settings::from_toml(&format!(
         "listen = '127.0.0.1:0'\nworkers = 2\ndatabase_url = '{}'\ndatabase_max_connections = 5\n\
-         master_key = 'test1:{}'\n{extra}",
+         {key}{extra}",
         database_url.expose(),
-        base64::engine::general_purpose::STANDARD.encode(uuid::Uuid::new_v4().as_bytes().repeat(2))
     ))
     .expect("test settings are valid")
 }
@@ -151,24 +164,34 @@ pub async fn spawn_app() -> TestApp {
 }
 
 pub async fn spawn_app_with(extra: &str) -> TestApp {
-    LazyLock::force(&TRACING);
     let (db, database_url) = TestDb::create().await;
-    let settings = test_settings(&database_url, extra);
-    let app = Application::build(settings)
+    let mut app = spawn_app_on(&database_url, extra)
         .await
         .expect("application builds");
+    app._db = Some(db);
+    app
+}
+
+/// Another gateway on an existing test database (owned by another [`TestApp`]).
+pub async fn spawn_app_on(
+    database_url: &DatabaseUrl,
+    extra: &str,
+) -> Result<TestApp, fhirgate::startup::StartupError> {
+    LazyLock::force(&TRACING);
+    let settings = test_settings(database_url, extra);
+    let app = Application::build(settings).await?;
     let address = format!("http://127.0.0.1:{}", app.port());
     let store = app.store();
     let handle = app.handle();
     tokio::spawn(app.run_until_stopped());
-    TestApp {
+    Ok(TestApp {
         address,
         client: reqwest::Client::new(),
         store,
-        database_url,
+        database_url: database_url.clone(),
         handle,
-        _db: db,
-    }
+        _db: None,
+    })
 }
 
 /// Validates FHIR JSON (one resource a line) with `../shared/tools/validate-fhir`, the official R4

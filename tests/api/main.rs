@@ -8,6 +8,7 @@ mod binary;
 mod fhir_surface;
 mod helpers;
 mod internal_api;
+mod keys;
 mod operations;
 mod patient;
 mod rate_limits;

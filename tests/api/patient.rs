@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use fhirgate::gate::Role;
 
-use crate::auth::{session, Session};
+use crate::auth::{session, token_at, Session, TestClient};
 use crate::helpers::{assert_valid_fhir, backend, fhir_body, spawn_app, TestApp};
 
 const ALL: &str = "system/Patient.cruds system/AuditEvent.rs";
@@ -22,6 +22,24 @@ impl<'a> Fhir<'a> {
         Self {
             app,
             session: session(app, scopes, Role::ExternalSystem).await,
+        }
+    }
+
+    /// The same client, through another gateway on the same database.
+    pub async fn via(&self, app: &'a TestApp, scopes: &str) -> Fhir<'a> {
+        let token = token_at(app, &self.session.client, scopes).await;
+        Fhir {
+            app,
+            session: Session {
+                token,
+                client_id: self.session.client_id.clone(),
+                practice_id: self.session.practice_id.clone(),
+                client: TestClient {
+                    client_id: self.session.client.client_id.clone(),
+                    key: self.session.client.key.clone(),
+                    token_url: app.url("/auth/token"),
+                },
+            },
         }
     }
 
