@@ -6,8 +6,8 @@ use std::str::FromStr;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use fhir_sdk::r4b::codes::{
-    CapabilityStatementKind, FHIRVersion, PublicationStatus, ResourceType, RestfulCapabilityMode,
-    SearchParamType,
+    CapabilityStatementKind, ConditionalDeleteStatus, ConditionalReadStatus, FHIRVersion,
+    PublicationStatus, ResourceType, ResourceVersionPolicy, RestfulCapabilityMode, SearchParamType,
 };
 use fhir_sdk::r4b::resources::{
     CapabilityStatement, CapabilityStatementImplementation, CapabilityStatementRest,
@@ -83,6 +83,16 @@ impl Capability {
                 .search_param(search_param);
             if let Some(profile) = def.profile {
                 b = b.profile(profile.to_owned());
+            }
+            if def.versioned {
+                b = b
+                    .versioning(ResourceVersionPolicy::VersionedUpdate)
+                    .read_history(true)
+                    .update_create(true)
+                    .conditional_create(true)
+                    .conditional_read(ConditionalReadStatus::NotSupported)
+                    .conditional_update(false)
+                    .conditional_delete(ConditionalDeleteStatus::NotSupported);
             }
             resources.push(Some(b.build().map_err(build_err)?));
         }

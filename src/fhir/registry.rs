@@ -93,6 +93,7 @@ pub struct ResourceDef {
     pub(crate) profile: Option<&'static str>,
     pub(crate) interactions: Vec<(Interaction, RouteFactory)>,
     pub(crate) search_params: Vec<SearchParamDef>,
+    pub(crate) versioned: bool,
 }
 
 impl ResourceDef {
@@ -102,7 +103,16 @@ impl ResourceDef {
             profile: None,
             interactions: Vec::new(),
             search_params: Vec::new(),
+            versioned: false,
         }
+    }
+
+    /// Declares the resource versioned with the behaviour of `fhir::resources`: version-aware
+    /// updates (`If-Match`), history, update-as-create and conditional create
+    /// (`If-None-Exist`); no conditional read, update or delete.
+    pub fn versioned(mut self) -> Self {
+        self.versioned = true;
+        self
     }
 
     pub fn profile(mut self, url: &'static str) -> Self {

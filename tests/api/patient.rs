@@ -776,3 +776,81 @@ async fn phi_is_ciphertext_at_rest() {
         }
     }
 }
+
+#[tokio::test]
+async fn the_capability_statement_declares_exactly_what_patient_serves() {
+    let app = spawn_app().await;
+    let metadata = fhir_body(app.get("/fhir/r4/metadata").await).await;
+    let patient = metadata["rest"][0]["resource"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["type"] == "Patient")
+        .unwrap()
+        .clone();
+    let mut interactions: Vec<&str> = patient["interaction"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["code"].as_str().unwrap())
+        .collect();
+    interactions.sort_unstable();
+    assert_eq!(
+        interactions,
+        [
+            "create",
+            "delete",
+            "history-instance",
+            "read",
+            "search-type",
+            "update",
+            "vread"
+        ]
+    );
+    let mut params: Vec<&str> = patient["searchParam"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    params.sort_unstable();
+    assert_eq!(
+        params,
+        [
+            "_id",
+            "_lastUpdated",
+            "birthdate",
+            "family",
+            "gender",
+            "given",
+            "identifier",
+            "name"
+        ]
+    );
+    assert_eq!(patient["versioning"], "versioned-update");
+    assert_eq!(patient["readHistory"], true);
+    assert_eq!(patient["updateCreate"], true);
+    assert_eq!(patient["conditionalCreate"], true);
+    assert_eq!(patient["conditionalUpdate"], false);
+    assert_eq!(patient["conditionalDelete"], "not-supported");
+
+    // Each declared parameter is accepted; an undeclared one is not.
+    let fhir = Fhir::new(&app, ALL).await;
+    for (name, value) in [
+        ("_id", "x"),
+        ("_lastUpdated", "ge2020"),
+        ("birthdate", "1970"),
+        ("family", "abc"),
+        ("gender", "male"),
+        ("given", "abc"),
+        ("identifier", "x"),
+        ("name", "abc"),
+    ] {
+        assert_eq!(
+            fhir.get(&format!("/Patient?{name}={value}")).await.status(),
+            200,
+            "{name}"
+        );
+    }
+    assert_eq!(fhir.get("/Patient?address=x").await.status(), 400);
+}

@@ -42,6 +42,7 @@ pub struct Kind {
 /// Registers every interaction of `kind`.
 pub fn resource_def(kind: &'static Kind) -> ResourceDef {
     let mut def = ResourceDef::new(kind.resource_type)
+        .versioned()
         .interaction(
             Interaction::Read,
             move |req: HttpRequest, state: web::Data<AppState>| read(kind, req, state, None),
@@ -79,6 +80,17 @@ pub fn resource_def(kind: &'static Kind) -> ResourceDef {
                 search::search(kind, req, body, state)
             },
         );
+    for (name, kind, doc) in [
+        ("_id", "token", "one or more ids, comma separated"),
+        ("_lastUpdated", "date", "prefixes eq, lt, gt, le, ge"),
+    ] {
+        def = def.search_param(SearchParamDef {
+            name,
+            kind,
+            definition: None,
+            documentation: Some(doc),
+        });
+    }
     for param in kind.params {
         def = def.search_param(SearchParamDef {
             name: param.name,
