@@ -62,6 +62,22 @@ struct Context {
     token: String,
     token_url: String,
     audit_event_id: String,
+    patient_id: String,
+}
+
+/// Patients seeded before the Patient scenarios (searches pick one among them).
+const SEEDED_PATIENTS: usize = 1000;
+
+fn bench_patient(i: usize) -> serde_json::Value {
+    serde_json::json!({
+        "resourceType": "Patient",
+        "identifier": [{ "system": "urn:bench:mrn", "value": format!("MRN-{i:06}") }],
+        "name": [{ "family": format!("Benchmark{}", i % 97), "given": ["Pat", "Q"] }],
+        "gender": if i % 2 == 0 { "female" } else { "male" },
+        "birthDate": format!("19{:02}-0{}-1{}", 40 + i % 60, 1 + i % 9, i % 10),
+        "telecom": [{ "system": "phone", "value": "555-0100" }],
+        "address": [{ "line": ["1 Bench Street"], "city": "Springfield", "postalCode": "12345" }]
+    })
 }
 
 impl Context {
@@ -125,6 +141,29 @@ fn scenarios() -> Vec<Scenario> {
             gateway: Gateway::Unaudited,
             prepare: Some(|ctx, req| req.bearer_auth(&ctx.token)),
             ..plain("read_unaudited", audit_read)
+        },
+        // Patient: decrypt and serve one version; a blind-index search among the seeded
+        // patients; a create (validate, stamp, encrypt, index, write + audit in one commit).
+        Scenario {
+            prepare: Some(|ctx, req| req.bearer_auth(&ctx.token)),
+            ..plain("patient_read", |ctx| {
+                format!("/fhir/r4/Patient/{}", ctx.patient_id)
+            })
+        },
+        Scenario {
+            prepare: Some(|ctx, req| req.bearer_auth(&ctx.token)),
+            ..plain("patient_search_identifier", |_| {
+                "/fhir/r4/Patient?identifier=urn:bench:mrn%7CMRN-000421".into()
+            })
+        },
+        Scenario {
+            method: Method::POST,
+            prepare: Some(|ctx, req| {
+                req.bearer_auth(&ctx.token)
+                    .header("content-type", "application/fhir+json")
+                    .body(bench_patient(7).to_string())
+            }),
+            ..plain("patient_create", |_| "/fhir/r4/Patient".into())
         },
     ]
 }
@@ -408,7 +447,7 @@ async fn set_up_context(
             practice_id: practice.id,
             name: "bench".into(),
             role: Role::PracticeAdmin,
-            scopes: ScopeSet::parse("system/AuditEvent.rs").expect("valid scope"),
+            scopes: ScopeSet::parse(BENCH_SCOPES).expect("valid scope"),
             keys: ClientKeys::inline(&jwks.to_string()).expect("valid JWKS"),
         })
         .await
@@ -421,13 +460,14 @@ async fn set_up_context(
         token: String::new(),
         token_url: "http://gateway.bench/auth/token".into(),
         audit_event_id: String::new(),
+        patient_id: String::new(),
     };
     let assertion = context.assertion();
     let token: serde_json::Value = client
         .post(format!("{base_url}/auth/token"))
         .form(&[
             ("grant_type", "client_credentials"),
-            ("scope", "system/AuditEvent.rs"),
+            ("scope", BENCH_SCOPES),
             (
                 "client_assertion_type",
                 "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
@@ -457,8 +497,25 @@ async fn set_up_context(
         .as_str()
         .expect("an audit event")
         .to_owned();
+    for i in 0..SEEDED_PATIENTS {
+        let res = client
+            .post(format!("{base_url}/fhir/r4/Patient"))
+            .bearer_auth(&context.token)
+            .header("content-type", "application/fhir+json")
+            .body(bench_patient(i).to_string())
+            .send()
+            .await
+            .expect("seed a patient");
+        assert_eq!(res.status(), 201, "seeding patients");
+        if i == 421 {
+            let created: serde_json::Value = res.json().await.expect("a Patient");
+            context.patient_id = created["id"].as_str().expect("an id").to_owned();
+        }
+    }
     context
 }
+
+const BENCH_SCOPES: &str = "system/AuditEvent.rs system/Patient.cruds";
 
 /// The request every worker of a scenario sends, shared between the worker tasks.
 struct Target {

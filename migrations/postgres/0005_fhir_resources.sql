@@ -47,8 +47,10 @@ CREATE TABLE search_index (
     low            BIGINT,
     high           BIGINT
 );
-CREATE INDEX search_index_hash ON search_index(practice_id, resource_type, param, hash);
-CREATE INDEX search_index_value ON search_index(practice_id, resource_type, param, value);
+-- Both cover resource_id (searches read only the index). The hash index also carries `value`,
+-- so an identifier search (system and hash) prefers it over the far less selective system.
+CREATE INDEX search_index_hash ON search_index(practice_id, resource_type, param, hash, value, resource_id);
+CREATE INDEX search_index_value ON search_index(practice_id, resource_type, param, value, resource_id);
 CREATE INDEX search_index_resource ON search_index(practice_id, resource_type, resource_id);
 
 -- Settings the data depends on, such as the id of the key the blind indexes were computed

@@ -217,12 +217,15 @@ macro_rules! shared_resource_sql {
             for cond in &query.conds {
                 match cond {
                     Cond::Index { param, any } => {
-                        q.push(
-                            " AND EXISTS (SELECT 1 FROM search_index s WHERE s.practice_id = r.practice_id \
-                             AND s.resource_type = r.resource_type AND s.resource_id = r.id AND s.param = ",
-                        )
-                        .push_bind(*param)
-                        .push(" AND (");
+                        // An uncorrelated IN: evaluated once through the most selective index
+                        // (the blind index hash, usually), not once per resource row.
+                        q.push(" AND r.id IN (SELECT s.resource_id FROM search_index s WHERE s.practice_id = ")
+                            .push_bind(query.practice.as_str().to_owned())
+                            .push(" AND s.resource_type = ")
+                            .push_bind(query.resource_type.clone())
+                            .push(" AND s.param = ")
+                            .push_bind(*param)
+                            .push(" AND (");
                         for (i, m) in any.iter().enumerate() {
                             if i > 0 {
                                 q.push(" OR ");
@@ -559,12 +562,21 @@ macro_rules! shared_resource_sql {
                         }
                     }
                 }
+                // With a condition, the matching ids are few: find them by key and sort them.
+                // The sort key is then written as an expression (`+ 0`, `|| ''`) so SQLite
+                // does not walk the whole practice in index order to avoid that sort.
+                let filtered = !query.conds.is_empty();
+                let (lu, id) = if filtered {
+                    ("r.last_updated_us + 0", "r.id || ''")
+                } else {
+                    ("r.last_updated_us", "r.id")
+                };
                 match query.sort {
                     SortKey::LastUpdated => {
-                        q.push(" ORDER BY r.last_updated_us").push(dir).push(", r.id").push(dir);
+                        q.push(" ORDER BY ").push(lu).push(dir).push(", ").push(id).push(dir);
                     }
                     SortKey::Id => {
-                        q.push(" ORDER BY r.id").push(dir);
+                        q.push(" ORDER BY ").push(id).push(dir);
                     }
                 }
                 q.push(" LIMIT ").push_bind(query.limit);

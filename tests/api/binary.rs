@@ -337,7 +337,7 @@ async fn no_phi_reaches_the_logs_whatever_the_request_carries() {
         ])
         .arg("--jwks")
         .arg(&jwks)
-        .args(["--scope", "system/*.rs"])
+        .args(["--scope", "system/*.cruds"])
         .env("FHIRGATE_DATABASE_URL", url.expose()));
     let client: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let client_id = client["client_id"].as_str().unwrap().to_owned();
@@ -370,7 +370,7 @@ async fn no_phi_reaches_the_logs_whatever_the_request_carries() {
         .post(format!("{base}/auth/token"))
         .form(&[
             ("grant_type", "client_credentials"),
-            ("scope", "system/Patient.rs system/AuditEvent.rs"),
+            ("scope", "system/Patient.cruds system/AuditEvent.rs"),
             (
                 "client_assertion_type",
                 "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
@@ -413,6 +413,53 @@ async fn no_phi_reaches_the_logs_whatever_the_request_carries() {
         .send()
         .await
         .unwrap();
+    // Patient writes and searches carrying the PHI in bodies and headers, valid and not.
+    let patient = serde_json::json!({
+        "resourceType": "Patient",
+        "identifier": [{ "system": "urn:mrn", "value": "MRN-99887766" }],
+        "name": [{ "family": "Quackenbush", "given": ["Zebediah"] }],
+        "telecom": [{ "system": "phone", "value": "555-0199" }],
+        "birthDate": "1961-07-04"
+    });
+    let created: serde_json::Value = http
+        .post(format!("{base}/fhir/r4/Patient"))
+        .bearer_auth(&token)
+        .header("content-type", "application/fhir+json")
+        .header(
+            "if-none-exist",
+            "identifier=MRN-99887766&family=Quackenbush",
+        )
+        .body(patient.to_string())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().expect("a created patient");
+    let mut wrong = patient.clone();
+    wrong["id"] = serde_json::json!("Zebediah");
+    wrong["gender"] = serde_json::json!("Quackenbush");
+    for body in [wrong.to_string(), "{\"Zebediah\": 1961-07-04".to_owned()] {
+        http.put(format!("{base}/fhir/r4/Patient/{id}"))
+            .bearer_auth(&token)
+            .header("content-type", "application/fhir+json")
+            .header("if-match", "W/\"MRN-99887766\"")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+    }
+    http.post(format!("{base}/fhir/r4/Patient/_search"))
+        .bearer_auth(&token)
+        .form(&[
+            ("family", "Quackenbush"),
+            ("birthdate", "lt1961-07-04"),
+            ("telecom", "555-0199"),
+        ])
+        .send()
+        .await
+        .unwrap();
     // A refused assertion that carries PHI in its claims.
     http.post(format!("{base}/auth/token"))
         .form(&[
@@ -443,7 +490,7 @@ async fn no_phi_reaches_the_logs_whatever_the_request_carries() {
         logs.lines()
             .filter(|l| l.contains("request completed"))
             .count()
-            >= 9,
+            >= 13,
         "{logs}"
     );
     for value in PHI {
