@@ -67,6 +67,11 @@ impl PgStore {
     ) -> Result<Transaction<'static, Postgres>, StoreError> {
         self.begin_tenant(practice).await
     }
+
+    /// PostgreSQL writes concurrently: no queue.
+    async fn write_turn(&self) -> Option<()> {
+        None
+    }
 }
 
 shared_resource_sql!(PgStore, Postgres, sqlx::postgres::PgRow, " FOR UPDATE");

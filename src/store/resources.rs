@@ -364,6 +364,7 @@ macro_rules! shared_resource_sql {
                 audit: &[$crate::audit::NewAuditEvent],
             ) -> Result<(), $crate::store::StoreError> {
                 use $crate::store::{Expect, StoreError, INDEX_INSERT_CHUNK};
+                let _turn = self.write_turn().await;
                 let mut tx = self.begin_for(practice).await?;
                 for (index, w) in writes.iter().enumerate() {
                     let deleted = w.sealed.is_none();
@@ -665,6 +666,7 @@ macro_rules! shared_resource_sql {
                 &self,
                 resealed: &[($crate::store::SealedVersion, String, Vec<u8>)],
             ) -> Result<u64, $crate::store::StoreError> {
+                let _turn = self.write_turn().await;
                 let mut tx = self.pool.begin().await?;
                 let mut done = 0;
                 for (old, key_id, content) in resealed {

@@ -24,6 +24,10 @@ use crate::gate::{ApiClient, ClientKeys, ClientStatus, NewApiClient};
 pub struct SqliteStore {
     pool: SqlitePool,
     max: u32,
+    /// SQLite has one writer at a time. Writers queue here, in order, instead of contending
+    /// for the database lock through the busy handler's sleep-and-retry (which costs tail
+    /// latency under concurrent writes).
+    writer: tokio::sync::Mutex<()>,
 }
 
 impl SqliteStore {
@@ -49,6 +53,7 @@ impl SqliteStore {
         Ok(Self {
             pool,
             max: options.max_connections,
+            writer: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -63,6 +68,11 @@ impl SqliteStore {
         _practice: &ResourceId,
     ) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
         Ok(self.pool.begin().await?)
+    }
+
+    /// Waits for this process's turn to write (see `writer`).
+    async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        Some(self.writer.lock().await)
     }
 }
 
@@ -300,6 +310,7 @@ impl Store for SqliteStore {
         expires_at: u64,
     ) -> Result<bool, StoreError> {
         let now = crate::gate::access_token::unix_now() as i64;
+        let _turn = self.write_turn().await;
         let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM client_assertions WHERE expires_at < ?1")
             .bind(now)
@@ -328,6 +339,7 @@ impl Store for SqliteStore {
         if events.is_empty() {
             return Ok(0);
         }
+        let _turn = self.write_turn().await;
         let mut tx = self.pool.begin().await?;
         Self::append_audit_in(&mut tx, events, at).await?;
         tx.commit().await?;
