@@ -307,6 +307,19 @@ async fn run(config: BenchConfig, scenarios: Vec<Scenario>) -> ExitCode {
         .expect("build the HTTP client");
 
     let context = Arc::new(set_up_context(&*store, &client, &base_url).await);
+    // PostgreSQL plans by table statistics, which autovacuum gathers within a minute or so of a
+    // bulk load; gather them now rather than measure the plans of tables believed empty (an
+    // operator should likewise ANALYZE after a bulk import).
+    if db.postgres.is_some() {
+        let pool = sqlx::PgPool::connect(&db.url)
+            .await
+            .expect("connect to analyze");
+        sqlx::query("ANALYZE")
+            .execute(&pool)
+            .await
+            .expect("ANALYZE the bench database");
+        pool.close().await;
+    }
     let mut results = Vec::with_capacity(scenarios.len());
     for scenario in &scenarios {
         let url = match scenario.gateway {
