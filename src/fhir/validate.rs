@@ -1,4 +1,7 @@
-//! Temporary: replaced by the structural validator on the `validate` branch.
+//! Validation of incoming resources. Today: the body is a JSON object of the expected
+//! `resourceType`. Still to build (issue 4): structural validation against fhir-sdk's typed models
+//! (unknown elements, wrong JSON types, bad codes of required bindings, malformed dates), each
+//! issue naming its element path and never echoing the value.
 
 use serde_json::{json, Value};
 
