@@ -89,11 +89,11 @@ pub struct Application {
 
 /// The FHIR API as registered today. Later resources are added here.
 pub fn fhir_api() -> FhirApi {
-    FhirApi::new()
-        .resource(fhir::resources::resource_def(
-            &fhir::resources::patient::PATIENT,
-        ))
-        .resource(fhir::audit_event::resource())
+    let mut api = FhirApi::new();
+    for kind in fhir::resources::KINDS {
+        api = api.resource(fhir::resources::resource_def(kind));
+    }
+    api.resource(fhir::audit_event::resource())
 }
 
 pub fn pool_options(settings: &Settings) -> PoolOptions {

@@ -84,6 +84,14 @@ impl Capability {
             if let Some(profile) = def.profile {
                 b = b.profile(profile.to_owned());
             }
+            if !def.search_includes.is_empty() {
+                b = b.search_include(
+                    def.search_includes
+                        .iter()
+                        .map(|i| Some(i.clone()))
+                        .collect(),
+                );
+            }
             if def.versioned {
                 b = b
                     .versioning(ResourceVersionPolicy::VersionedUpdate)

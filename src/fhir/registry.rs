@@ -93,6 +93,8 @@ pub struct ResourceDef {
     pub(crate) profile: Option<&'static str>,
     pub(crate) interactions: Vec<(Interaction, RouteFactory)>,
     pub(crate) search_params: Vec<SearchParamDef>,
+    /// `_include` values the search supports (`Claim:patient`).
+    pub(crate) search_includes: Vec<String>,
     pub(crate) versioned: bool,
 }
 
@@ -103,6 +105,7 @@ impl ResourceDef {
             profile: None,
             interactions: Vec::new(),
             search_params: Vec::new(),
+            search_includes: Vec::new(),
             versioned: false,
         }
     }
@@ -136,6 +139,11 @@ impl ResourceDef {
 
     pub fn search_param(mut self, param: SearchParamDef) -> Self {
         self.search_params.push(param);
+        self
+    }
+
+    pub fn search_include(mut self, include: String) -> Self {
+        self.search_includes.push(include);
         self
     }
 

@@ -23,6 +23,9 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     Conflict(String),
+    /// The token's scopes do not cover what the request asks for (403).
+    #[error("{0}")]
+    Forbidden(String),
     /// The resource existed and was deleted (410).
     #[error("{0}")]
     Gone(String),
@@ -52,6 +55,7 @@ impl ApiError {
             ApiError::BadRequest(_) => IssueType::Invalid,
             ApiError::Conflict(_) | ApiError::PreconditionFailed(_) => IssueType::Conflict,
             ApiError::Gone(_) => IssueType::Deleted,
+            ApiError::Forbidden(_) => IssueType::Forbidden,
             ApiError::Invalid { .. } => IssueType::Invalid,
             ApiError::Unavailable => IssueType::Transient,
             ApiError::Internal => IssueType::Exception,
@@ -106,6 +110,7 @@ impl ResponseError for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Gone(_) => StatusCode::GONE,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             ApiError::Invalid { status, .. } => {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST)

@@ -63,7 +63,8 @@ async fn every_gated_request_is_audited_before_its_response_without_phi() {
     assert_eq!(res.status(), 401);
     let system = chain(&app, "-").await;
     assert_eq!(system.len(), 1);
-    assert_eq!(system[0].action, "access");
+    assert_eq!(system[0].action, "search");
+    assert_eq!(system[0].resource_type.as_deref(), Some("Coverage"));
     assert_eq!(system[0].status_code, 401);
     assert!(system[0].actor_client_id.is_none());
 

@@ -207,6 +207,21 @@ pub fn assert_valid_fhir(resources: &[serde_json::Value]) {
         std::path::Path::new(&tool).exists(),
         "validate-fhir not found at {tool}; set FHIRGATE_VALIDATE_FHIR"
     );
+    // The tool installs its Python environment on first use; tests call it concurrently, so the
+    // first call runs alone.
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let out = Command::new(&tool)
+            .arg("-")
+            .stdin(Stdio::null())
+            .output()
+            .expect("validate-fhir starts");
+        assert!(
+            out.status.code() != Some(2),
+            "validate-fhir could not install itself: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
     let mut child = Command::new(&tool)
         .arg("-")
         .stdin(Stdio::piped())

@@ -8,7 +8,10 @@
 //! reaches the store; search parameters that are PHI are indexed only as keyed blind indexes.
 //! Writes commit with their audit event in one transaction.
 
+pub mod care;
+pub mod fields;
 pub mod patient;
+pub mod practice;
 pub mod search;
 
 use actix_web::http::{header, StatusCode};
@@ -37,6 +40,25 @@ pub struct Kind {
     pub params: &'static [Param],
     /// The id of the patient the resource is about (`id` is the resource's own id).
     pub patient: fn(&Value, &str) -> Option<String>,
+}
+
+/// Every resource type served through this module, in the CapabilityStatement's order.
+pub static KINDS: &[&Kind] = &[
+    &patient::PATIENT,
+    &practice::PRACTITIONER,
+    &practice::ORGANIZATION,
+    &care::COVERAGE,
+    &care::ENCOUNTER,
+    &care::CLAIM,
+    &care::CLAIM_RESPONSE,
+];
+
+/// The kind of a resource type, if the gateway serves it.
+pub fn kind_of(resource_type: &str) -> Option<&'static Kind> {
+    KINDS
+        .iter()
+        .copied()
+        .find(|k| k.resource_type == resource_type)
 }
 
 /// Registers every interaction of `kind`.
@@ -98,6 +120,9 @@ pub fn resource_def(kind: &'static Kind) -> ResourceDef {
             definition: None,
             documentation: Some(param.doc),
         });
+        if let ParamKind::Reference { .. } = param.kind {
+            def = def.search_include(format!("{}:{}", kind.resource_type, param.name));
+        }
     }
     def
 }

@@ -2,7 +2,8 @@
 
 use serde_json::Value;
 
-use super::search::{Param, ParamKind};
+use super::fields;
+use super::search::{Param, ParamKind, SystemValue};
 use super::Kind;
 
 pub static PATIENT: Kind = Kind {
@@ -54,62 +55,22 @@ pub static PATIENT: Kind = Kind {
     patient: |_, id| Some(id.to_owned()),
 };
 
-fn strings(value: Option<&Value>) -> impl Iterator<Item = &str> {
-    let list: &[Value] = match value {
-        Some(Value::Array(items)) => items,
-        Some(one @ Value::String(_)) => std::slice::from_ref(one),
-        _ => &[],
-    };
-    list.iter().filter_map(Value::as_str)
-}
+const ALL_NAME_PARTS: &[&str] = &["family", "given", "prefix", "suffix", "text"];
 
-fn names(resource: &Value) -> &[Value] {
-    resource
-        .get("name")
-        .and_then(Value::as_array)
-        .map_or(&[], Vec::as_slice)
-}
-
-fn identifiers(resource: &Value) -> Vec<(Option<String>, String)> {
-    resource
-        .get("identifier")
-        .and_then(Value::as_array)
-        .map_or(&[][..], Vec::as_slice)
-        .iter()
-        .filter_map(|i| {
-            let value = i.get("value")?.as_str()?;
-            let system = i.get("system").and_then(Value::as_str).map(str::to_owned);
-            Some((system, value.to_owned()))
-        })
-        .collect()
+fn identifiers(resource: &Value) -> Vec<SystemValue> {
+    fields::identifiers(resource)
 }
 
 fn family(resource: &Value) -> Vec<String> {
-    names(resource)
-        .iter()
-        .flat_map(|n| strings(n.get("family")))
-        .map(str::to_owned)
-        .collect()
+    fields::name_parts(resource, &["family"])
 }
 
 fn given(resource: &Value) -> Vec<String> {
-    names(resource)
-        .iter()
-        .flat_map(|n| strings(n.get("given")))
-        .map(str::to_owned)
-        .collect()
+    fields::name_parts(resource, &["given"])
 }
 
 fn any_name(resource: &Value) -> Vec<String> {
-    names(resource)
-        .iter()
-        .flat_map(|n| {
-            ["family", "given", "prefix", "suffix", "text"]
-                .into_iter()
-                .flat_map(move |part| strings(n.get(part)))
-        })
-        .map(str::to_owned)
-        .collect()
+    fields::name_parts(resource, ALL_NAME_PARTS)
 }
 
 fn birth_date(resource: &Value) -> Option<String> {
@@ -120,11 +81,7 @@ fn birth_date(resource: &Value) -> Option<String> {
 }
 
 fn gender(resource: &Value) -> Vec<String> {
-    resource
-        .get("gender")
-        .and_then(Value::as_str)
-        .map(|g| vec![g.to_owned()])
-        .unwrap_or_default()
+    fields::code(resource, "gender")
 }
 
 #[cfg(test)]
@@ -133,27 +90,17 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn name_parts_are_extracted_from_every_name() {
+    fn every_part_of_every_name_is_a_name() {
         let p = json!({
             "resourceType": "Patient",
             "name": [
                 { "family": "Chalmers", "given": ["Peter", "James"], "prefix": ["Mr"] },
                 { "text": "Jim", "given": ["Jim"] }
-            ],
-            "identifier": [{ "system": "urn:mrn", "value": "12345" }, { "value": "x" }, { "system": "urn:none" }]
+            ]
         });
-        assert_eq!(family(&p), ["Chalmers"]);
-        assert_eq!(given(&p), ["Peter", "James", "Jim"]);
         assert_eq!(
             any_name(&p),
             ["Chalmers", "Peter", "James", "Mr", "Jim", "Jim"]
-        );
-        assert_eq!(
-            identifiers(&p),
-            [
-                (Some("urn:mrn".to_owned()), "12345".to_owned()),
-                (None, "x".to_owned())
-            ]
         );
     }
 }

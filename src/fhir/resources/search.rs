@@ -37,6 +37,7 @@ use super::{caller, open_json, Kind};
 use crate::crypto::{normalise, PhiVault};
 use crate::domain::ResourceId;
 use crate::fhir::FHIR_BASE;
+use crate::gate::Permission;
 use crate::http::ApiError;
 use crate::startup::AppState;
 use crate::store::{
@@ -49,6 +50,8 @@ pub const MAX_COUNT: i64 = 500;
 const SCAN_BATCH: i64 = 200;
 /// A lower bound standing for "any year up to the aggregation year" (Safe Harbor, ages > 89).
 const AGGREGATED_LOW: i64 = i64::MIN / 4;
+/// An upper bound standing for "still open" (a period without end).
+const OPEN_HIGH: i64 = i64::MAX / 4;
 
 /// A search parameter of a resource type, and how resources are indexed for it.
 pub struct Param {
@@ -83,9 +86,13 @@ pub enum ParamKind {
         target: &'static str,
         ids: fn(&Value) -> Vec<String>,
     },
-    /// Dates that are not PHI, stored as ranges (seconds, end exclusive).
+    /// Dates of care (an encounter's period, a claim's creation): PHI, so only their years
+    /// are indexed (under `year_index`, in clear, as Safe Harbor allows); the exact ranges
+    /// (microseconds, end exclusive, from [`date_range_us`]) are checked on the decrypted
+    /// resource.
     Date {
         ranges: fn(&Value) -> Vec<(i64, i64)>,
+        year_index: &'static str,
     },
 }
 
@@ -164,11 +171,12 @@ pub(crate) fn index_rows(kind: &Kind, resource: &Value, vault: &PhiVault) -> Vec
                         .map(|id| IndexRow::value(param.name, id)),
                 );
             }
-            ParamKind::Date { ranges } => {
+            ParamKind::Date { ranges, year_index } => {
                 rows.extend(
                     ranges(resource)
                         .into_iter()
-                        .map(|(low, high)| IndexRow::range(param.name, low, high)),
+                        .filter_map(|(low, high)| year_span(low, high))
+                        .map(|(low, high)| IndexRow::range(year_index, low, high)),
                 );
             }
         }
@@ -193,6 +201,49 @@ fn coarse_year(date: &str, this_year: i32) -> Option<(i64, i64)> {
     } else {
         Some((start(year)?, start(year + 1)?))
     }
+}
+
+/// The whole years (in seconds, end exclusive) that a range of microseconds touches; an open
+/// end (`i64::MIN`/`i64::MAX`, a period without start or end) stays open.
+fn year_span(low_us: i64, high_us: i64) -> Option<(i64, i64)> {
+    let year_start = |y: i32| {
+        time::Date::from_calendar_date(y, time::Month::January, 1)
+            .ok()
+            .map(|d| d.midnight().assume_utc().unix_timestamp())
+    };
+    let year_of = |us: i64| {
+        OffsetDateTime::from_unix_timestamp(us.div_euclid(1_000_000))
+            .ok()
+            .map(|t| t.year())
+    };
+    let low = if low_us == i64::MIN {
+        AGGREGATED_LOW
+    } else {
+        year_start(year_of(low_us)?)?
+    };
+    let high = if high_us == i64::MAX {
+        OPEN_HIGH
+    } else {
+        year_start(year_of(high_us.saturating_sub(1))? + 1)?
+    };
+    Some((low, high))
+}
+
+/// The interval a FHIR Period denotes (microseconds, end exclusive): a missing start or end is
+/// open (FHIR R4 datatypes.html#Period: an ongoing period has no end).
+pub(crate) fn period_range_us(period: &Value) -> Option<(i64, i64)> {
+    let bound = |name: &str| period.get(name).and_then(Value::as_str).map(date_range_us);
+    let low = match bound("start") {
+        Some(Some((low, _))) => low,
+        Some(None) => return None,
+        None => i64::MIN,
+    };
+    let high = match bound("end") {
+        Some(Some((_, high))) => high,
+        Some(None) => return None,
+        None => i64::MAX,
+    };
+    (low != i64::MIN || high != i64::MAX).then_some((low, high))
 }
 
 /// The interval a FHIR date, dateTime or instant denotes, in microseconds (end exclusive):
@@ -291,6 +342,22 @@ fn range_matches(prefix: Prefix, (low, high): (i64, i64), (ql, qh): (i64, i64)) 
     }
 }
 
+/// Conditions on a year index (ranges in seconds covering whole years) that select every
+/// resource the exact conditions `any` may match: each is implied by its exact condition,
+/// since a year range contains the exact range (for `eq`, containment becomes overlap).
+fn coarse_candidates(any: &[(Prefix, (i64, i64))]) -> Vec<IndexMatch> {
+    let secs = |us: i64| us.div_euclid(1_000_000);
+    any.iter()
+        .map(|(prefix, (ql, qh))| IndexMatch {
+            bounds: match prefix {
+                Prefix::Eq => vec![Bound::HighGt(secs(*ql)), Bound::LowLt(secs(*qh))],
+                p => range_bounds(*p, secs(*ql), secs(*qh)),
+            },
+            ..Default::default()
+        })
+        .collect()
+}
+
 /// A check made on the decrypted resource, for what the index can only narrow down.
 enum Residual {
     Names {
@@ -300,6 +367,10 @@ enum Residual {
     },
     Dates {
         date: fn(&Value) -> Option<String>,
+        any: Vec<(Prefix, (i64, i64))>,
+    },
+    Ranges {
+        ranges: fn(&Value) -> Vec<(i64, i64)>,
         any: Vec<(Prefix, (i64, i64))>,
     },
 }
@@ -325,6 +396,9 @@ impl Residual {
             Residual::Dates { date, any } => date(resource)
                 .and_then(|d| date_range_us(&d))
                 .is_some_and(|r| any.iter().any(|(p, q)| range_matches(*p, r, *q))),
+            Residual::Ranges { ranges, any } => ranges(resource)
+                .into_iter()
+                .any(|r| any.iter().any(|(p, q)| range_matches(*p, r, *q))),
         }
     }
 }
@@ -339,6 +413,8 @@ pub(crate) struct Plan {
     total: bool,
     /// The parameters used, for `self`/`next` links of a GET search.
     echo: Vec<(String, String)>,
+    /// Reference parameters whose targets are included (`_include`).
+    includes: Vec<&'static Param>,
 }
 
 pub(crate) fn parse_count(value: &str) -> Result<i64, ApiError> {
@@ -369,6 +445,7 @@ fn plan(
         count: DEFAULT_COUNT,
         total: true,
         echo: Vec::new(),
+        includes: Vec::new(),
     };
     for (key, value) in params {
         let (name, modifier) = match key.split_once(':') {
@@ -403,6 +480,15 @@ fn plan(
                     )),
                 };
                 plan.descending = descending;
+            }
+            "_include" => {
+                if modifier.is_some() {
+                    return Err(bad("_include", "modifiers (:iterate) are not supported"));
+                }
+                let param = include_param(kind, value)?;
+                if !plan.includes.iter().any(|p| p.name == param.name) {
+                    plan.includes.push(param);
+                }
             }
             "_id" => {
                 if modifier.is_some() {
@@ -456,6 +542,56 @@ fn plan(
         plan.echo.push((key.clone(), value.clone()));
     }
     Ok(plan)
+}
+
+/// The reference parameter an `_include` value names: `Coverage:patient` or
+/// `Coverage:patient:Patient` (R4 search.html#include).
+fn include_param(kind: &Kind, value: &str) -> Result<&'static Param, ApiError> {
+    let mut parts = value.split(':');
+    let (source, name, target) = (parts.next(), parts.next(), parts.next());
+    if parts.next().is_some() || source != Some(kind.resource_type) {
+        return Err(bad(
+            "_include",
+            &format!(
+                "expected {}:{{parameter}} or {}:{{parameter}}:{{type}}",
+                kind.resource_type, kind.resource_type
+            ),
+        ));
+    }
+    let refs = || {
+        kind.params
+            .iter()
+            .filter(|p| matches!(p.kind, ParamKind::Reference { .. }))
+            .map(|p| p.name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let param = kind
+        .params
+        .iter()
+        .find(|p| Some(p.name) == name && matches!(p.kind, ParamKind::Reference { .. }))
+        .ok_or_else(|| {
+            bad(
+                "_include",
+                &format!(
+                    "not a reference parameter of {} (supported: {})",
+                    kind.resource_type,
+                    refs()
+                ),
+            )
+        })?;
+    if let (Some(t), ParamKind::Reference { target, .. }) = (target, &param.kind) {
+        if t != *target {
+            return Err(bad(
+                "_include",
+                &format!(
+                    "{}:{} refers to {target} only",
+                    kind.resource_type, param.name
+                ),
+            ));
+        }
+    }
+    Ok(param)
 }
 
 fn plan_param(
@@ -582,26 +718,12 @@ fn plan_param(
                     return Ok(());
                 }
             }
-            // Candidates by year: each condition is implied by the exact one on the day.
-            let secs = |us: i64| us.div_euclid(1_000_000);
-            let year_any = any
-                .iter()
-                .map(|(prefix, _, (ql, qh))| IndexMatch {
-                    bounds: match prefix {
-                        Prefix::Eq => vec![Bound::HighGt(secs(*ql)), Bound::LowLt(secs(*qh))],
-                        p => range_bounds(*p, secs(*ql), secs(*qh)),
-                    },
-                    ..Default::default()
-                })
-                .collect();
+            let any: Vec<(Prefix, (i64, i64))> = any.into_iter().map(|(p, _, r)| (p, r)).collect();
             plan.conds.push(Cond::Index {
                 param: year_index,
-                any: year_any,
+                any: coarse_candidates(&any),
             });
-            plan.residual.push(Residual::Dates {
-                date: *date,
-                any: any.into_iter().map(|(p, _, r)| (p, r)).collect(),
-            });
+            plan.residual.push(Residual::Dates { date: *date, any });
         }
         ParamKind::Reference { target, .. } => {
             let mut any = Vec::with_capacity(values.len());
@@ -626,26 +748,26 @@ fn plan_param(
             }
             plan.conds.push(Cond::Index { param: name, any });
         }
-        ParamKind::Date { .. } => {
+        ParamKind::Date { ranges, year_index } => {
             let mut any = Vec::with_capacity(values.len());
             for v in &values {
                 let (prefix, text) = split_prefix(name, v)?;
-                let (ql, qh) = date_range_us(&text).ok_or_else(|| {
+                let range = date_range_us(&text).ok_or_else(|| {
                     bad(
                         name,
                         "expected a date, YYYY, YYYY-MM, YYYY-MM-DD or an instant",
                     )
                 })?;
-                any.push(IndexMatch {
-                    bounds: range_bounds(
-                        prefix,
-                        ql.div_euclid(1_000_000),
-                        qh.div_euclid(1_000_000),
-                    ),
-                    ..Default::default()
-                });
+                any.push((prefix, range));
             }
-            plan.conds.push(Cond::Index { param: name, any });
+            plan.conds.push(Cond::Index {
+                param: year_index,
+                any: coarse_candidates(&any),
+            });
+            plan.residual.push(Residual::Ranges {
+                ranges: *ranges,
+                any,
+            });
         }
     }
     Ok(())
@@ -853,6 +975,54 @@ pub(crate) async fn find_matches(
         .collect())
 }
 
+/// The resources that the page's `_include` parameters name, each once, as `include` entries
+/// (deleted and missing targets are left out).
+async fn included(
+    state: &AppState,
+    practice: &ResourceId,
+    plan: &Plan,
+    rows: &[(StoredVersion, Value)],
+) -> Result<Vec<Value>, ApiError> {
+    let mut entries = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for param in &plan.includes {
+        let ParamKind::Reference { target, ids } = param.kind else {
+            continue;
+        };
+        let mut wanted: Vec<String> = rows
+            .iter()
+            .flat_map(|(_, r)| ids(r))
+            .filter(|id| !seen.contains(&(target, id.clone())))
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        if wanted.is_empty() {
+            continue;
+        }
+        let query = ResourceQuery {
+            practice: practice.clone(),
+            resource_type: target.to_owned(),
+            limit: i64::try_from(wanted.len()).unwrap_or(MAX_COUNT),
+            conds: vec![Cond::Ids(wanted)],
+            sort: SortKey::Id,
+            descending: false,
+            after: None,
+        };
+        let vault = state.vault().await?;
+        for v in state.store.search_resources(&query).await? {
+            let resource = parse_resource(vault, practice, &v)?;
+            let full_url = format!("{}{FHIR_BASE}/{target}/{}", state.base_url, v.id);
+            seen.insert((target, v.id));
+            entries.push(json!({
+                "fullUrl": full_url,
+                "resource": resource,
+                "search": { "mode": "include" },
+            }));
+        }
+    }
+    Ok(entries)
+}
+
 /// Search parameters of a `POST _search`, kept so its paging links need not carry them.
 #[derive(Clone)]
 pub struct SavedSearch {
@@ -943,7 +1113,18 @@ pub(crate) async fn search(
             (query_params.clone(), lenient(&req), None)
         };
     let plan = plan(kind, state.vault().await?, &params, lenient)?;
+    for param in &plan.includes {
+        if let ParamKind::Reference { target, .. } = param.kind {
+            if !caller.scopes.allows(target, Permission::Read) {
+                return Err(ApiError::Forbidden(format!(
+                    "_include={}:{}: the token's scopes do not allow reading {target}",
+                    kind.resource_type, param.name
+                )));
+            }
+        }
+    }
     let page = run(kind, &state, &caller.practice_id, &plan, cursor.as_ref()).await?;
+    let included = included(&state, &caller.practice_id, &plan, &page.rows).await?;
 
     let base = format!("{}{FHIR_BASE}/{}", state.base_url, kind.resource_type);
     let link = |cursor: Option<Cursor>| {
@@ -989,6 +1170,7 @@ pub(crate) async fn search(
             entry.insert("search".into(), json!({ "mode": "match" }));
             Value::Object(entry)
         })
+        .chain(included)
         .collect();
     let mut bundle = Map::new();
     bundle.insert("resourceType".into(), json!("Bundle"));
