@@ -93,7 +93,11 @@ pub fn fhir_api() -> FhirApi {
     for kind in fhir::resources::KINDS {
         api = api.resource(fhir::resources::resource_def(kind));
     }
-    api.resource(fhir::audit_event::resource())
+    api.resource(fhir::audit_event::resource()).system(
+        &["transaction", "batch"],
+        fhir::bundle::MAX_BUNDLE_BYTES,
+        fhir::bundle::process,
+    )
 }
 
 pub fn pool_options(settings: &Settings) -> PoolOptions {

@@ -11,8 +11,9 @@ use fhir_sdk::r4b::codes::{
 };
 use fhir_sdk::r4b::resources::{
     CapabilityStatement, CapabilityStatementImplementation, CapabilityStatementRest,
-    CapabilityStatementRestResource, CapabilityStatementRestResourceInteraction,
-    CapabilityStatementRestResourceSearchParam, CapabilityStatementSoftware,
+    CapabilityStatementRestInteraction, CapabilityStatementRestResource,
+    CapabilityStatementRestResourceInteraction, CapabilityStatementRestResourceSearchParam,
+    CapabilityStatementSoftware,
 };
 use fhir_sdk::{DateTime, Instant};
 
@@ -105,10 +106,22 @@ impl Capability {
             resources.push(Some(b.build().map_err(build_err)?));
         }
 
+        let system_interactions = api
+            .system_interactions()
+            .iter()
+            .map(|code| {
+                CapabilityStatementRestInteraction::builder()
+                    .code((*code).to_owned())
+                    .build()
+                    .map(Some)
+                    .map_err(build_err)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let rest = CapabilityStatementRest::builder()
             .mode(RestfulCapabilityMode::Server)
             .documentation("FHIR R4 API of the fhirgate gateway".to_owned())
             .resource(resources)
+            .interaction(system_interactions)
             .build()
             .map_err(build_err)?;
         let version = env!("CARGO_PKG_VERSION");

@@ -5,6 +5,7 @@
 //! gateway serves; differences that matter are noted where they bite (see README, "FHIR notes").
 
 pub mod audit_event;
+pub mod bundle;
 pub mod capability;
 pub mod negotiate;
 pub mod registry;

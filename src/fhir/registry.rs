@@ -156,6 +156,9 @@ impl ResourceDef {
 #[derive(Clone, Default)]
 pub struct FhirApi {
     pub(crate) resources: Vec<ResourceDef>,
+    /// System-level interactions (`transaction`, `batch`) and the handler of `POST [base]`
+    /// that serves them; each entry is checked against the scopes by the handler.
+    pub(crate) system: Option<(Vec<&'static str>, usize, RouteFactory)>,
 }
 
 impl FhirApi {
@@ -166,6 +169,33 @@ impl FhirApi {
     pub fn resource(mut self, def: ResourceDef) -> Self {
         self.resources.push(def);
         self
+    }
+
+    /// Serves the system-level `interactions` (`transaction`, `batch`) with `handler` at
+    /// `POST [base]`, accepting bodies of up to `max_body` bytes.
+    pub fn system<F, Args>(
+        mut self,
+        interactions: &[&'static str],
+        max_body: usize,
+        handler: F,
+    ) -> Self
+    where
+        F: Handler<Args> + Send + Sync,
+        Args: FromRequest + 'static,
+        F::Output: Responder + 'static,
+    {
+        self.system = Some((
+            interactions.to_vec(),
+            max_body,
+            Arc::new(move || web::route().to(handler.clone())),
+        ));
+        self
+    }
+
+    pub fn system_interactions(&self) -> &[&'static str] {
+        self.system
+            .as_ref()
+            .map_or(&[], |(codes, _, _)| codes.as_slice())
     }
 
     pub fn resources(&self) -> &[ResourceDef] {
@@ -180,6 +210,14 @@ impl FhirApi {
             .entry("/metadata".to_owned())
             .or_default()
             .push((Method::GET, web::route().to(super::capability::metadata)));
+        if let Some((_, _, factory)) = &self.system {
+            for path in ["", "/"] {
+                by_path
+                    .entry(path.to_owned())
+                    .or_default()
+                    .push((Method::POST, factory()));
+            }
+        }
         for def in &self.resources {
             let resource_type = def.resource_type;
             for (interaction, factory) in &def.interactions {
@@ -201,7 +239,10 @@ impl FhirApi {
                 .map(|(m, _)| m.as_str())
                 .collect::<Vec<_>>()
                 .join(", ");
-            let mut resource = web::resource(path);
+            let mut resource = web::resource(path.as_str());
+            if let Some((_, max_body, _)) = self.system.as_ref().filter(|_| path.len() <= 1) {
+                resource = resource.app_data(web::PayloadConfig::new(*max_body));
+            }
             for (method, route) in routes {
                 resource = resource.route(route.method(method));
             }

@@ -5,6 +5,7 @@ mod audit;
 mod audit_event;
 mod auth;
 mod binary;
+mod bundle;
 mod care;
 mod fhir_surface;
 mod helpers;

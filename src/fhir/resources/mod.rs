@@ -155,7 +155,7 @@ fn http_date(us: i64) -> header::HttpDate {
     header::HttpDate::from(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
 }
 
-fn etag(version_id: i64) -> String {
+pub(crate) fn etag(version_id: i64) -> String {
     format!("W/\"{version_id}\"")
 }
 
@@ -176,13 +176,13 @@ fn if_match(req: &HttpRequest) -> Result<Option<i64>, ApiError> {
 
 /// What the client asked to get back (`Prefer: return=...`, FHIR R4 http.html#ops).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Return {
+pub(crate) enum Return {
     Minimal,
     Representation,
     OperationOutcome,
 }
 
-fn prefer_return(req: &HttpRequest) -> Return {
+pub(crate) fn prefer_return(req: &HttpRequest) -> Return {
     let prefer = req
         .headers()
         .get_all("prefer")
@@ -305,15 +305,28 @@ fn parse_body(kind: &Kind, body: &[u8]) -> Result<Map<String, Value>, ApiError> 
             "diagnostics": format!("the body is not JSON (line {}, column {})", e.line(), e.column()),
         })],
     })?;
-    super::validate::validate(kind.resource_type, &value).map_err(|issues| ApiError::Invalid {
+    check_resource(kind, value).map_err(|issues| ApiError::Invalid {
         status: 400,
-        issues: issues.iter().map(|i| i.to_outcome_issue()).collect(),
+        issues,
+    })
+}
+
+/// Checks a resource of `kind` (see [`super::validate`]); the problems as OperationOutcome
+/// issues, each naming its element.
+pub(crate) fn check_resource(kind: &Kind, value: Value) -> Result<Map<String, Value>, Vec<Value>> {
+    super::validate::validate(kind.resource_type, &value).map_err(|issues| {
+        issues
+            .iter()
+            .map(|i| i.to_outcome_issue())
+            .collect::<Vec<_>>()
     })?;
     match value {
         Value::Object(map) => Ok(map),
-        _ => Err(ApiError::BadRequest(
-            "a resource must be a JSON object".into(),
-        )),
+        _ => Err(vec![serde_json::json!({
+            "severity": "error",
+            "code": "structure",
+            "diagnostics": "a resource must be a JSON object",
+        })]),
     }
 }
 
@@ -354,13 +367,13 @@ fn stamp(
 }
 
 /// A new version ready to write, with the JSON it holds.
-struct Prepared {
-    write: ResourceWrite,
-    json: Vec<u8>,
-    patient: Option<String>,
+pub(crate) struct Prepared {
+    pub(crate) write: ResourceWrite,
+    pub(crate) json: Vec<u8>,
+    pub(crate) patient: Option<String>,
 }
 
-fn prepare(
+pub(crate) fn prepare(
     kind: &Kind,
     vault: &PhiVault,
     practice: &ResourceId,
@@ -644,28 +657,7 @@ async fn delete(
         if head.deleted {
             return Ok(HttpResponse::NoContent().finish());
         }
-        let patient = match (kind.patient)(&Value::Null, id.as_str()) {
-            Some(p) => Some(p),
-            None => {
-                let json = open_json(state.vault().await?, &caller.practice_id, &head)?;
-                serde_json::from_slice::<Value>(&json)
-                    .ok()
-                    .and_then(|v| (kind.patient)(&v, id.as_str()))
-            }
-        };
-        let prepared = Prepared {
-            write: ResourceWrite {
-                resource_type: kind.resource_type.to_owned(),
-                id: id.to_string(),
-                expect: Expect::Version(head.version_id),
-                version_id: head.version_id + 1,
-                last_updated_us: now_us(),
-                sealed: None,
-                index: Vec::new(),
-            },
-            json: Vec::new(),
-            patient,
-        };
+        let prepared = deletion(kind, &state, &caller.practice_id, &head).await?;
         match commit(
             &state,
             &req,
@@ -693,6 +685,37 @@ async fn delete(
         }
     }
     Err(StoreError::VersionConflict { index: 0 }.into())
+}
+
+/// The deleted version that follows `head` (a live version), with the patient it concerned.
+pub(crate) async fn deletion(
+    kind: &Kind,
+    state: &AppState,
+    practice: &ResourceId,
+    head: &StoredVersion,
+) -> Result<Prepared, ApiError> {
+    let patient = match (kind.patient)(&Value::Null, &head.id) {
+        Some(p) => Some(p),
+        None => {
+            let json = open_json(state.vault().await?, practice, head)?;
+            serde_json::from_slice::<Value>(&json)
+                .ok()
+                .and_then(|v| (kind.patient)(&v, &head.id))
+        }
+    };
+    Ok(Prepared {
+        write: ResourceWrite {
+            resource_type: kind.resource_type.to_owned(),
+            id: head.id.clone(),
+            expect: Expect::Version(head.version_id),
+            version_id: head.version_id + 1,
+            last_updated_us: now_us(),
+            sealed: None,
+            index: Vec::new(),
+        },
+        json: Vec::new(),
+        patient,
+    })
 }
 
 /// `GET /{type}/{id}/_history`: every version, newest first, as a `history` Bundle (deletions
