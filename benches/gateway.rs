@@ -63,6 +63,8 @@ struct Context {
     token_url: String,
     audit_event_id: String,
     patient_id: String,
+    /// The body of `transaction_100`.
+    transaction: String,
 }
 
 /// Patients seeded before the Patient scenarios (searches pick one among them).
@@ -164,6 +166,17 @@ fn scenarios() -> Vec<Scenario> {
                     .body(bench_patient(7).to_string())
             }),
             ..plain("patient_create", |_| "/fhir/r4/Patient".into())
+        },
+        // 100 creates in one all-or-nothing transaction (one commit, 100 audit events).
+        Scenario {
+            method: Method::POST,
+            prepare: Some(|ctx, req| {
+                req.bearer_auth(&ctx.token)
+                    .header("content-type", "application/fhir+json")
+                    .header("prefer", "return=minimal")
+                    .body(ctx.transaction.clone())
+            }),
+            ..plain("transaction_100", |_| "/fhir/r4".into())
         },
     ]
 }
@@ -474,6 +487,7 @@ async fn set_up_context(
         token_url: "http://gateway.bench/auth/token".into(),
         audit_event_id: String::new(),
         patient_id: String::new(),
+        transaction: String::new(),
     };
     let assertion = context.assertion();
     let token: serde_json::Value = client
@@ -525,10 +539,51 @@ async fn set_up_context(
             context.patient_id = created["id"].as_str().expect("an id").to_owned();
         }
     }
+    let payer: serde_json::Value = client
+        .post(format!("{base_url}/fhir/r4/Organization"))
+        .bearer_auth(&context.token)
+        .header("content-type", "application/fhir+json")
+        .body(
+            serde_json::json!({ "resourceType": "Organization", "name": "Bench Payer" })
+                .to_string(),
+        )
+        .send()
+        .await
+        .expect("create the payer")
+        .json()
+        .await
+        .expect("an Organization");
+    context.transaction = bench_transaction(payer["id"].as_str().expect("an id")).to_string();
     context
 }
 
-const BENCH_SCOPES: &str = "system/AuditEvent.rs system/Patient.cruds";
+/// A 100-entry transaction: 50 new patients, each with a coverage that references it by
+/// `urn:uuid` and an existing payer (50 references rewritten, one payer looked up).
+fn bench_transaction(payer: &str) -> serde_json::Value {
+    let mut entries = Vec::with_capacity(100);
+    for i in 0..50 {
+        let urn = format!("urn:uuid:00000000-0000-4000-8000-{i:012}");
+        entries.push(serde_json::json!({
+            "fullUrl": urn,
+            "resource": bench_patient(10_000 + i),
+            "request": { "method": "POST", "url": "Patient" }
+        }));
+        entries.push(serde_json::json!({
+            "resource": {
+                "resourceType": "Coverage",
+                "status": "active",
+                "identifier": [{ "system": "urn:bench:member", "value": format!("MEM-{i:06}") }],
+                "beneficiary": { "reference": urn },
+                "payor": [{ "reference": format!("Organization/{payer}") }]
+            },
+            "request": { "method": "POST", "url": "Coverage" }
+        }));
+    }
+    serde_json::json!({ "resourceType": "Bundle", "type": "transaction", "entry": entries })
+}
+
+const BENCH_SCOPES: &str =
+    "system/AuditEvent.rs system/Patient.cruds system/Coverage.cruds system/Organization.cruds";
 
 /// The request every worker of a scenario sends, shared between the worker tasks.
 struct Target {

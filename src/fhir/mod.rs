@@ -24,6 +24,10 @@ use crate::http::ApiError;
 
 pub use registry::{FhirApi, Interaction, ResourceDef, SearchParamDef};
 
+/// The largest resource body accepted by a create or update (a Bundle may be larger:
+/// [`bundle::MAX_BUNDLE_BYTES`]). Larger bodies get 413 with an OperationOutcome.
+pub const MAX_RESOURCE_BYTES: usize = 4 * 1024 * 1024;
+
 /// Base path of the FHIR API.
 pub const FHIR_BASE: &str = "/fhir/r4";
 
@@ -34,6 +38,7 @@ pub fn configure(api: &FhirApi, cfg: &mut web::ServiceConfig) {
     // (406), authentication (401), rate limits (429), then the per-interaction scope checks of
     // the registry (403).
     let scope = web::scope(FHIR_BASE)
+        .app_data(web::PayloadConfig::new(MAX_RESOURCE_BYTES))
         .wrap(from_fn(limit_request))
         .wrap(from_fn(authenticate))
         .wrap(from_fn(negotiate::negotiate))

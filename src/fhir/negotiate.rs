@@ -72,6 +72,48 @@ pub(crate) fn decide(query: &str, accept: Option<&header::Accept>) -> Decision {
     }
 }
 
+/// An OperationOutcome in place of an error that is not one already: actix's own answers to
+/// a body over the size limit (413), a body that cannot be read (400) and the like come as
+/// plain text, and every FHIR error must be an OperationOutcome.
+fn outcome_for_plain_error<B>(res: &ServiceResponse<B>) -> Option<actix_web::HttpResponse> {
+    let status = res.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return None;
+    }
+    let is_fhir = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/fhir+json"));
+    if is_fhir {
+        return None;
+    }
+    let (code, diagnostics) = match status.as_u16() {
+        413 => (
+            "too-long",
+            "the request body is larger than this endpoint accepts (see the README, limits)",
+        ),
+        415 => (
+            "not-supported",
+            "unsupported Content-Type; send application/fhir+json",
+        ),
+        400..=499 => ("invalid", "the request could not be read"),
+        _ => ("exception", "internal error"),
+    };
+    let issues = vec![serde_json::json!({
+        "severity": "error",
+        "code": code,
+        "diagnostics": diagnostics,
+    })];
+    Some(
+        ApiError::Invalid {
+            status: status.as_u16(),
+            issues,
+        }
+        .error_response(),
+    )
+}
+
 pub async fn negotiate(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
@@ -88,7 +130,11 @@ pub async fn negotiate(
             if pretty {
                 req.extensions_mut().insert(Pretty);
             }
-            Ok(next.call(req).await?.map_into_left_body())
+            let res = next.call(req).await?;
+            if let Some(outcome) = outcome_for_plain_error(&res) {
+                return Ok(res.into_response(outcome).map_into_right_body());
+            }
+            Ok(res.map_into_left_body())
         }
         Decision::NotAcceptable(why) => Ok(req
             .into_response(ApiError::NotAcceptable(why.into()).error_response())

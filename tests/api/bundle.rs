@@ -470,3 +470,16 @@ async fn the_capability_statement_declares_transaction_and_batch() {
         .collect();
     assert_eq!(codes, ["transaction", "batch"]);
 }
+
+#[tokio::test]
+async fn an_oversized_body_is_413_with_an_operation_outcome() {
+    let app = spawn_app().await;
+    let fhir = Fhir::new(&app, ALL).await;
+    let big = json!({
+        "resourceType": "Patient",
+        "photo": [{ "contentType": "image/png", "data": "A".repeat(9 * 1024 * 1024) }]
+    });
+    let res = fhir.post("/Patient", &big).await;
+    assert_eq!(res.status(), 413);
+    assert_eq!(fhir_body(res).await["resourceType"], "OperationOutcome");
+}
