@@ -370,7 +370,10 @@ async fn no_phi_reaches_the_logs_whatever_the_request_carries() {
         .post(format!("{base}/auth/token"))
         .form(&[
             ("grant_type", "client_credentials"),
-            ("scope", "system/Patient.cruds system/AuditEvent.rs"),
+            (
+                "scope",
+                "system/Patient.cruds system/Coverage.cruds system/AuditEvent.rs",
+            ),
             (
                 "client_assertion_type",
                 "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
@@ -460,6 +463,33 @@ async fn no_phi_reaches_the_logs_whatever_the_request_carries() {
         .send()
         .await
         .unwrap();
+    // A transaction and a batch carrying the PHI, one valid and one failing on a reference.
+    for (ty, reference) in [
+        (
+            "transaction",
+            "urn:uuid:7c1c7f2e-0000-4000-8000-000000000001",
+        ),
+        ("batch", "Patient/MRN-99887766"),
+    ] {
+        let bundle = serde_json::json!({
+            "resourceType": "Bundle", "type": ty, "entry": [
+                { "fullUrl": "urn:uuid:7c1c7f2e-0000-4000-8000-000000000001", "resource": patient,
+                  "request": { "method": "POST", "url": "Patient", "ifNoneExist": "identifier=MRN-99887766" } },
+                { "resource": { "resourceType": "Coverage", "status": "active",
+                    "identifier": [{ "value": "MRN-99887766" }],
+                    "beneficiary": { "reference": reference }, "payor": [{ "reference": "Organization/Zebediah" }] },
+                  "request": { "method": "POST", "url": "Coverage" } },
+                { "request": { "method": "GET", "url": "Patient?family=Quackenbush" } }
+            ]
+        });
+        http.post(format!("{base}/fhir/r4"))
+            .bearer_auth(&token)
+            .header("content-type", "application/fhir+json")
+            .body(bundle.to_string())
+            .send()
+            .await
+            .unwrap();
+    }
     // A refused assertion that carries PHI in its claims.
     http.post(format!("{base}/auth/token"))
         .form(&[
@@ -490,7 +520,7 @@ async fn no_phi_reaches_the_logs_whatever_the_request_carries() {
         logs.lines()
             .filter(|l| l.contains("request completed"))
             .count()
-            >= 13,
+            >= 15,
         "{logs}"
     );
     for value in PHI {
