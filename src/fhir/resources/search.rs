@@ -848,22 +848,20 @@ fn parse_resource(
     serde_json::from_slice(&json).map_err(|_| ApiError::Internal)
 }
 
-/// Collects up to `want` matches from `query` onwards, checking residual conditions on the
-/// decrypted resources.
-async fn collect(
+/// Walks the rows of `query` from its `after` onwards in batches, handing each one that passes
+/// the residual checks (opened and parsed) to `take`, until `take` says stop or the rows run
+/// out. Without residual checks the batch is `limit`; with them, at least [`SCAN_BATCH`].
+async fn scan(
     state: &AppState,
     plan: &Plan,
     mut query: ResourceQuery,
-    want: usize,
-) -> Result<Vec<(StoredVersion, Value)>, ApiError> {
-    let mut out = Vec::with_capacity(want.min(64));
-    if want == 0 {
-        return Ok(out);
-    }
+    limit: i64,
+    mut take: impl FnMut(StoredVersion, Value) -> bool,
+) -> Result<(), ApiError> {
     query.limit = if plan.residual.is_empty() {
-        i64::try_from(want).unwrap_or(MAX_COUNT + 1)
+        limit
     } else {
-        SCAN_BATCH.max(i64::try_from(want).unwrap_or(SCAN_BATCH))
+        SCAN_BATCH.max(limit)
     };
     let vault = state.vault().await?;
     loop {
@@ -872,42 +870,50 @@ async fn collect(
         for v in batch {
             query.after = Some((v.last_updated_us, v.id.clone()));
             let resource = parse_resource(vault, &query.practice, &v)?;
-            if plan.residual.iter().all(|r| r.matches(&resource)) {
-                out.push((v, resource));
-                if out.len() == want {
-                    return Ok(out);
-                }
+            if plan.residual.iter().all(|r| r.matches(&resource)) && !take(v, resource) {
+                return Ok(());
             }
         }
         if exhausted {
-            return Ok(out);
+            return Ok(());
         }
     }
+}
+
+/// Collects up to `want` matches from `query` onwards, checking residual conditions on the
+/// decrypted resources.
+async fn collect(
+    state: &AppState,
+    plan: &Plan,
+    query: ResourceQuery,
+    want: usize,
+) -> Result<Vec<(StoredVersion, Value)>, ApiError> {
+    let mut out = Vec::with_capacity(want.min(64));
+    if want == 0 {
+        return Ok(out);
+    }
+    let limit = i64::try_from(want).unwrap_or(MAX_COUNT + 1);
+    scan(state, plan, query, limit, |v, resource| {
+        out.push((v, resource));
+        out.len() < want
+    })
+    .await?;
+    Ok(out)
 }
 
 async fn total(state: &AppState, plan: &Plan, query: &ResourceQuery) -> Result<i64, ApiError> {
     if plan.residual.is_empty() {
         return Ok(state.store.count_resources(query).await?);
     }
-    let mut scan = query.clone();
-    scan.after = None;
-    scan.limit = SCAN_BATCH;
+    let mut from_start = query.clone();
+    from_start.after = None;
     let mut n = 0;
-    let vault = state.vault().await?;
-    loop {
-        let batch = state.store.search_resources(&scan).await?;
-        let exhausted = (batch.len() as i64) < scan.limit;
-        for v in batch {
-            scan.after = Some((v.last_updated_us, v.id.clone()));
-            let resource = parse_resource(vault, &query.practice, &v)?;
-            if plan.residual.iter().all(|r| r.matches(&resource)) {
-                n += 1;
-            }
-        }
-        if exhausted {
-            return Ok(n);
-        }
-    }
+    scan(state, plan, from_start, SCAN_BATCH, |_, _| {
+        n += 1;
+        true
+    })
+    .await?;
+    Ok(n)
 }
 
 async fn run(
