@@ -426,6 +426,8 @@ async fn include_adds_each_referenced_patient_once() {
 async fn every_served_type_supports_the_whole_resource_lifecycle() {
     let app = spawn_app_with(UNLIMITED).await;
     let fhir = Fhir::new(&app, ALL).await;
+    // Everything the gateway answers along the way, validated against the R4 schema at the end.
+    let mut emitted = Vec::new();
     for (file, example) in examples() {
         let ty = example["resourceType"].as_str().unwrap().to_owned();
         let mut body = example.clone();
@@ -443,28 +445,37 @@ async fn every_served_type_supports_the_whole_resource_lifecycle() {
             .await
             .unwrap();
         assert_eq!(res.status(), 200, "{file}");
+        emitted.push(fhir_body(res).await);
+        let res = fhir
+            .request(reqwest::Method::PUT, &format!("/{ty}/{id}"))
+            .header("content-type", "application/fhir+json")
+            .header("if-match", "W/\"1\"")
+            .body(v2.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 412, "{file}");
+        emitted.push(fhir_body(res).await);
         let res = fhir.get(&format!("/{ty}/{id}/_history/1")).await;
-        assert_eq!(fhir_body(res).await["meta"]["versionId"], "1", "{file}");
+        let v1 = fhir_body(res).await;
+        assert_eq!(v1["meta"]["versionId"], "1", "{file}");
         let res = fhir.get(&format!("/{ty}?_id={id}")).await;
-        assert_eq!(
-            ids(&fhir_body(res).await),
-            [id.clone()] as [String; 1],
-            "{file}"
-        );
+        let found = fhir_body(res).await;
+        assert_eq!(ids(&found), [id.clone()] as [String; 1], "{file}");
         let res = fhir
             .request(reqwest::Method::DELETE, &format!("/{ty}/{id}"))
             .send()
             .await
             .unwrap();
         assert_eq!(res.status(), 204, "{file}");
-        assert_eq!(
-            fhir.get(&format!("/{ty}/{id}")).await.status(),
-            410,
-            "{file}"
-        );
+        let res = fhir.get(&format!("/{ty}/{id}")).await;
+        assert_eq!(res.status(), 410, "{file}");
+        let gone = fhir_body(res).await;
         let history = fhir_body(fhir.get(&format!("/{ty}/{id}/_history")).await).await;
         assert_eq!(history["total"], 3, "{file}");
+        emitted.extend([created, v1, found, gone, history]);
     }
+    assert_valid_fhir(&emitted);
 }
 
 #[tokio::test]
