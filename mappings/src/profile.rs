@@ -1,0 +1,313 @@
+//! Mapping profiles: one TOML file per vendor in `mappings/profiles/`, loaded and checked at
+//! start-up. A profile that does not load stops the start with a message naming the file and the
+//! key (never a value from a resource: profiles hold no PHI).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The profiles shipped with the gateway, by vendor.
+pub const BUILT_IN: &[(&str, &str)] = &[
+    ("generic", include_str!("../profiles/generic.toml")),
+    ("epic", include_str!("../profiles/epic.toml")),
+    ("cerner", include_str!("../profiles/cerner.toml")),
+];
+
+/// FHIR administrative gender codes, the only values the gender translations may produce.
+const GENDERS: &[&str] = &["male", "female", "other", "unknown"];
+
+/// One vendor's mapping conventions.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    pub vendor: String,
+    pub identifiers: Identifiers,
+    pub extensions: Extensions,
+    #[serde(default)]
+    pub codes: Codes,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Identifiers {
+    /// Systems of `Patient.identifier` that carry the MRN, in order of preference. Without a
+    /// match, an identifier typed `MR` (HL7 v2-0203) is the MRN.
+    pub mrn_systems: Vec<String>,
+    pub npi_system: String,
+    pub tax_id_system: String,
+    /// Systems of `Coverage.identifier` that carry the member id (else `Coverage.subscriberId`).
+    pub member_id_systems: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Extensions {
+    pub race: String,
+    pub ethnicity: String,
+    pub birth_sex: String,
+}
+
+/// Vendor code -> FHIR code, per element.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Codes {
+    #[serde(default)]
+    pub gender: BTreeMap<String, String>,
+}
+
+/// Why a profile does not load: the file, the key, and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error("mapping profile {file}: {message}")]
+    Invalid { file: String, message: String },
+    #[error("mapping profile {file}: cannot be read ({kind})")]
+    Unreadable {
+        file: String,
+        kind: std::io::ErrorKind,
+    },
+    #[error("mapping profiles: two profiles for vendor `{0}`")]
+    Duplicate(String),
+}
+
+impl Profile {
+    /// Parses and checks a profile; `file` names it in errors.
+    pub fn parse(file: &str, text: &str) -> Result<Self, ProfileError> {
+        let invalid = |message: String| ProfileError::Invalid {
+            file: file.to_owned(),
+            message,
+        };
+        // toml's message names the key and the line (unknown keys, wrong types, missing keys).
+        let profile: Profile = toml::from_str(text)
+            .map_err(|e| invalid(e.message().to_owned() + &location(text, e.span())))?;
+        let stem = Path::new(file)
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default();
+        if !stem.is_empty() && profile.vendor != stem {
+            return Err(invalid(format!(
+                "vendor: `{}` differs from the file name `{stem}`",
+                profile.vendor
+            )));
+        }
+        let uris = [
+            ("identifiers.npi_system", &profile.identifiers.npi_system),
+            (
+                "identifiers.tax_id_system",
+                &profile.identifiers.tax_id_system,
+            ),
+            ("extensions.race", &profile.extensions.race),
+            ("extensions.ethnicity", &profile.extensions.ethnicity),
+            ("extensions.birth_sex", &profile.extensions.birth_sex),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .chain(
+            profile
+                .identifiers
+                .mrn_systems
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (format!("identifiers.mrn_systems[{i}]"), v)),
+        )
+        .chain(
+            profile
+                .identifiers
+                .member_id_systems
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (format!("identifiers.member_id_systems[{i}]"), v)),
+        );
+        for (key, value) in uris {
+            if !is_uri(value) {
+                return Err(invalid(format!(
+                    "{key}: expected an absolute URI (http(s)://..., urn:oid:..., urn:uuid:...)"
+                )));
+            }
+        }
+        for (from, to) in &profile.codes.gender {
+            if !GENDERS.contains(&to.as_str()) {
+                return Err(invalid(format!(
+                    "codes.gender.{from}: expected one of male, female, other, unknown"
+                )));
+            }
+        }
+        Ok(profile)
+    }
+
+    /// The FHIR gender code for a code a feed sent: a translation of the profile, or the code
+    /// itself when it is FHIR's.
+    pub fn gender<'a>(&'a self, code: &'a str) -> Option<&'a str> {
+        match self.codes.gender.get(code) {
+            Some(fhir) => Some(fhir.as_str()),
+            None => GENDERS.contains(&code).then_some(code),
+        }
+    }
+}
+
+/// Where a TOML error is: the line, and the key written on it.
+fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    let Some(span) = span else {
+        return String::new();
+    };
+    let start = span.start.min(text.len());
+    let line_no = text[..start].matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or_default();
+    match line.split_once('=') {
+        Some((key, _)) if !key.trim().is_empty() => {
+            format!(" (key `{}`, line {line_no})", key.trim())
+        }
+        _ => format!(" (line {line_no})"),
+    }
+}
+
+fn is_uri(value: &str) -> bool {
+    let scheme_ok = value.starts_with("http://")
+        || value.starts_with("https://")
+        || value.starts_with("urn:oid:")
+        || value.starts_with("urn:uuid:")
+        || value.starts_with("urn:");
+    scheme_ok && !value.contains(char::is_whitespace) && value.len() > "urn:".len()
+}
+
+/// Every profile, by vendor: the built-in ones, replaced or extended by the `*.toml` files of a
+/// directory.
+#[derive(Debug, Clone)]
+pub struct Profiles(HashMap<String, Profile>);
+
+impl Profiles {
+    /// The built-in profiles (they are checked by this crate's tests).
+    pub fn built_in() -> Result<Self, ProfileError> {
+        let mut map = HashMap::new();
+        for (vendor, text) in BUILT_IN {
+            let profile = Profile::parse(&format!("{vendor}.toml"), text)?;
+            map.insert(profile.vendor.clone(), profile);
+        }
+        Ok(Self(map))
+    }
+
+    /// The built-in profiles with those of `dir` (a deployment's own) over them.
+    pub fn load(dir: &Path) -> Result<Self, ProfileError> {
+        let mut profiles = Self::built_in()?;
+        let unreadable = |file: &Path, e: std::io::Error| ProfileError::Unreadable {
+            file: file.display().to_string(),
+            kind: e.kind(),
+        };
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| unreadable(dir, e))?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+            .collect();
+        files.sort();
+        let mut seen = std::collections::HashSet::new();
+        for file in files {
+            let text = std::fs::read_to_string(&file).map_err(|e| unreadable(&file, e))?;
+            let profile = Profile::parse(&file.display().to_string(), &text)?;
+            if !seen.insert(profile.vendor.clone()) {
+                return Err(ProfileError::Duplicate(profile.vendor));
+            }
+            profiles.0.insert(profile.vendor.clone(), profile);
+        }
+        Ok(profiles)
+    }
+
+    pub fn get(&self, vendor: &str) -> Option<&Profile> {
+        self.0.get(vendor)
+    }
+
+    pub fn vendors(&self) -> impl Iterator<Item = &str> {
+        self.0.keys().map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generic() -> String {
+        BUILT_IN[0].1.to_owned()
+    }
+
+    #[test]
+    fn the_built_in_profiles_load() {
+        let profiles = Profiles::built_in().unwrap();
+        let mut vendors: Vec<&str> = profiles.vendors().collect();
+        vendors.sort_unstable();
+        assert_eq!(vendors, ["cerner", "epic", "generic"]);
+    }
+
+    #[test]
+    fn a_bad_profile_names_its_file_and_key() {
+        let cases = [
+            (
+                generic().replace("[extensions]", "[extensions]\nrace_v2 = \"x\""),
+                "race_v2",
+            ),
+            (
+                generic().replace(
+                    "npi_system = \"http://hl7.org/fhir/sid/us-npi\"",
+                    "npi_system = 42",
+                ),
+                "npi_system",
+            ),
+            (
+                generic().replace("birth_sex = ", "# birth_sex = "),
+                "birth_sex",
+            ),
+            (
+                generic().replace(
+                    "tax_id_system = \"urn:oid:2.16.840.1.113883.4.4\"",
+                    "tax_id_system = \"not a uri\"",
+                ),
+                "identifiers.tax_id_system",
+            ),
+            (
+                generic().replace("[codes.gender]", "[codes.gender]\nX = \"robot\""),
+                "codes.gender.X",
+            ),
+            (
+                generic().replace("vendor = \"generic\"", "vendor = \"epic\""),
+                "vendor",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = Profile::parse("profiles/generic.toml", &text)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("mapping profile profiles/generic.toml: "),
+                "{err}"
+            );
+            assert!(err.contains(key), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_directory_overrides_the_built_in_profiles() {
+        let dir = std::env::temp_dir().join(format!("fhirgate-profiles-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let custom = generic()
+            .replace("vendor = \"generic\"", "vendor = \"epic\"")
+            .replace("mrn_systems = []", "mrn_systems = [\"urn:oid:1.2.3.4\"]");
+        std::fs::write(dir.join("epic.toml"), custom).unwrap();
+        let profiles = Profiles::load(&dir).unwrap();
+        assert_eq!(
+            profiles.get("epic").unwrap().identifiers.mrn_systems,
+            ["urn:oid:1.2.3.4"]
+        );
+        assert!(profiles.get("cerner").is_some());
+        std::fs::write(dir.join("broken.toml"), "vendor = \"broken\"\n").unwrap();
+        let err = Profiles::load(&dir).unwrap_err().to_string();
+        assert!(err.contains("broken.toml"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn gender_codes_translate_or_pass_through() {
+        let mut profile = Profile::parse("generic.toml", &generic()).unwrap();
+        profile.codes.gender.insert("M".into(), "male".into());
+        assert_eq!(profile.gender("M"), Some("male"));
+        assert_eq!(profile.gender("female"), Some("female"));
+        assert_eq!(profile.gender("X"), None);
+    }
+}
