@@ -7,6 +7,7 @@
 //! logs or formats a value into an error: a [`MappingError`] names the element, never its
 //! content (it may be PHI).
 
+pub mod care;
 pub mod coverage;
 pub mod model;
 pub mod patient;

@@ -119,3 +119,79 @@ pub struct Coverage {
     pub period_start: Option<String>,
     pub period_end: Option<String>,
 }
+
+/// A therapist of the practice.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Practitioner {
+    pub source_id: Option<String>,
+    pub npi: Option<String>,
+    pub name: Option<PersonName>,
+    pub active: bool,
+}
+
+/// The practice itself, or a payer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Organization {
+    pub source_id: Option<String>,
+    pub name: Option<String>,
+    pub npi: Option<String>,
+    pub tax_id: Option<String>,
+    /// Typed `pay` (organization-type): an insurer.
+    pub is_payer: bool,
+    pub active: bool,
+}
+
+/// A therapy session (FHIR Encounter).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    pub source_id: Option<String>,
+    pub patient_id: String,
+    /// The first participating Practitioner.
+    pub practitioner_id: Option<String>,
+    pub start: Option<String>,
+    pub end: Option<String>,
+    /// FHIR encounter status (`finished`, `in-progress`...).
+    pub status: String,
+    /// The CPT code of the service (`Encounter.type`).
+    pub cpt_code: Option<String>,
+    /// The ICD-10-CM reason (`Encounter.reasonCode`).
+    pub icd10_code: Option<String>,
+}
+
+/// One billed line of a claim.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimLine {
+    pub cpt_code: Option<String>,
+    pub service_date: Option<String>,
+    /// The line's net amount in cents.
+    pub net_cents: Option<i64>,
+}
+
+/// A claim for a session's services.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    pub source_id: Option<String>,
+    pub patient_id: String,
+    /// A Practitioner or Organization id, as `Type/id`.
+    pub provider: Option<String>,
+    /// The focal Coverage.
+    pub coverage_id: Option<String>,
+    pub status: String,
+    pub created: Option<String>,
+    pub icd10_codes: Vec<String>,
+    pub lines: Vec<ClaimLine>,
+    pub total_cents: Option<i64>,
+}
+
+/// A payer's answer to a claim.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimResponse {
+    pub source_id: Option<String>,
+    pub claim_id: Option<String>,
+    pub patient_id: String,
+    pub status: String,
+    /// `queued`, `complete`, `error` or `partial`.
+    pub outcome: String,
+    pub disposition: Option<String>,
+    pub payment_cents: Option<i64>,
+}
