@@ -26,8 +26,8 @@ use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use serde_json::{json, Map, Value};
 
 use super::resources::{
-    check_resource, deletion, etag, instant, kind_of, open_json, prefer_return, prepare, search,
-    Kind, Prepared, Return,
+    check_resource, conditional_key, deletion, etag, instant, kind_of, lock_for, open_json,
+    prefer_return, prepare, search, Kind, Prepared, Return,
 };
 use super::FHIR_BASE;
 use crate::audit::middleware::{request_event, AuditedInTransaction};
@@ -531,6 +531,21 @@ async fn execute(
     // Ids: POSTs get new ids (or the match of their ifNoneExist); URNs map to Type/id.
     let mut urns: HashMap<String, String> = HashMap::new();
     let mut planned: Vec<Option<Planned>> = entries.iter().map(|_| None).collect();
+    // Conditional creates hold their condition's lock until the commit (see
+    // `resources::conditional_lock`), in a fixed order so two Bundles cannot deadlock.
+    let mut keys: Vec<[u8; 32]> = entries
+        .iter()
+        .filter_map(|e| {
+            let condition = e.if_none_exist.as_deref()?;
+            Some(conditional_key(practice, e.kind.resource_type, condition))
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let mut _serialised = Vec::with_capacity(keys.len());
+    for key in keys {
+        _serialised.push(lock_for(key).lock_owned().await);
+    }
     for (slot, e) in entries.iter_mut().enumerate() {
         if e.method == Method::Post {
             if let Some(condition) = &e.if_none_exist {

@@ -573,3 +573,48 @@ async fn the_capability_statement_lists_exactly_the_served_types_and_parameters(
         }
     }
 }
+
+#[tokio::test]
+async fn concurrent_conditional_creates_make_one_resource() {
+    let app = spawn_app().await;
+    let fhir = Fhir::new(&app, ALL).await;
+    let body = json!({
+        "resourceType": "Patient",
+        "identifier": [{ "system": "urn:mrn", "value": "RACE-1" }],
+        "gender": "female"
+    });
+    let requests = (0..8).map(|i| {
+        // The same condition written two ways: parameter order does not matter.
+        let condition = if i % 2 == 0 {
+            "identifier=urn:mrn|RACE-1&gender=female"
+        } else {
+            "gender=female&identifier=urn:mrn|RACE-1"
+        };
+        fhir.request(reqwest::Method::POST, "/Patient")
+            .header("content-type", "application/fhir+json")
+            .header("if-none-exist", condition)
+            .body(body.to_string())
+            .send()
+    });
+    let statuses: Vec<u16> = futures_util::future::join_all(requests)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().status().as_u16())
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 201).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        7,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        fhir.search_ids("/Patient?identifier=urn:mrn|RACE-1")
+            .await
+            .len(),
+        1
+    );
+}

@@ -502,10 +502,18 @@ async fn create(
 ) -> Result<HttpResponse, ApiError> {
     let caller = caller(&req).map_err(|_| ApiError::Internal)?;
     let resource = parse_body(kind, &body)?;
+    // Held until the create commits, so two identical conditional creates on this instance
+    // cannot both find nothing and both create.
+    let mut _serialised = None;
     if let Some(condition) = req.headers().get("if-none-exist") {
         let condition = condition.to_str().map_err(|_| {
             ApiError::BadRequest("If-None-Exist: expected search parameters".into())
         })?;
+        _serialised = Some(
+            conditional_lock(&caller.practice_id, kind.resource_type, condition)
+                .lock_owned()
+                .await,
+        );
         let matches = search::find_matches(kind, &state, &caller.practice_id, condition, 2).await?;
         match matches.as_slice() {
             [] => {}
@@ -551,6 +559,57 @@ async fn create(
     )
     .await?;
     write_response(&req, &state, kind, StatusCode::CREATED, &prepared)
+}
+
+/// The lock that serialises conditional creates of one condition on one practice's type within
+/// this instance. Keyed by a hash (the condition may carry PHI); entries live while held.
+pub(crate) fn conditional_lock(
+    practice: &ResourceId,
+    resource_type: &str,
+    condition: &str,
+) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+    lock_for(conditional_key(practice, resource_type, condition))
+}
+
+/// The key of a condition: the same for the same parameters in any order.
+pub(crate) fn conditional_key(
+    practice: &ResourceId,
+    resource_type: &str,
+    condition: &str,
+) -> [u8; 32] {
+    use sha2::Digest;
+    let mut params: Vec<(String, String)> = form_urlencoded::parse(condition.as_bytes())
+        .into_owned()
+        .collect();
+    params.sort();
+    let mut hash = sha2::Sha256::new();
+    for part in [practice.as_str(), resource_type] {
+        hash.update(part.as_bytes());
+        hash.update([0]);
+    }
+    for (k, v) in &params {
+        hash.update(k.as_bytes());
+        hash.update([0]);
+        hash.update(v.as_bytes());
+        hash.update([0]);
+    }
+    hash.finalize().into()
+}
+
+pub(crate) fn lock_for(key: [u8; 32]) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+    use std::sync::{Arc, LazyLock, Mutex, Weak};
+    type Locks = Mutex<std::collections::HashMap<[u8; 32], Weak<tokio::sync::Mutex<()>>>>;
+    static LOCKS: LazyLock<Locks> = LazyLock::new(Default::default);
+    let mut locks = LOCKS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(lock) = locks.get(&key).and_then(Weak::upgrade) {
+        return lock;
+    }
+    locks.retain(|_, weak| weak.strong_count() > 0);
+    let lock = Arc::new(tokio::sync::Mutex::new(()));
+    locks.insert(key, Arc::downgrade(&lock));
+    lock
 }
 
 /// `PUT /{type}/{id}`: a new version; creates the resource when the id is new (the client
