@@ -1,5 +1,19 @@
-//! EHR adapters for fhirgate: the `EhrAdapter` trait, the Epic, Cerner and generic SMART R4
+//! EHR adapters for fhirgate: the [`EhrAdapter`] trait, the Epic, Cerner and generic SMART R4
 //! implementations, the shared OAuth/HTTP client and the conformance kit every adapter passes.
 //!
 //! This crate is where integration engineers work; it never depends on the gateway's storage or
-//! HTTP surface, and never logs PHI. (Its contents arrive with the adapters issue.)
+//! HTTP surface, and never logs PHI. What is here so far: the trait every adapter implements,
+//! the one error type callers decide retry or dead-letter by, and the registry that builds an
+//! adapter from a connection's `vendor`. The vendors, the shared client, the simulators and the
+//! conformance kit follow (issue 5).
+
+pub mod adapter;
+pub mod error;
+pub mod registry;
+
+pub use adapter::{
+    BulkExport, ClaimStatusUpdate, EhrAdapter, ExportFile, ExportRequest, ExportStatus, Page,
+    PageStream, PushReceipt,
+};
+pub use error::AdapterError;
+pub use registry::{AdapterFactory, Connection, Registry, RegistryError};

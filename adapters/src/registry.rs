@@ -1,0 +1,173 @@
+//! Builds adapters from a connection's `vendor`. Each vendor module registers one factory in
+//! [`Registry::built_in`]; the core only ever asks the registry, so adding a vendor is one
+//! module and one line here, with no match statement elsewhere to edit.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use fhirgate_mappings::Profiles;
+
+use crate::EhrAdapter;
+
+/// What an adapter is built from: the connection's settings (base URL, client id, key
+/// references...) as the configuration gave them, and its vendor's mapping profile.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    pub id: String,
+    pub vendor: String,
+    pub fhir_base_url: String,
+    pub settings: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Builds one vendor's adapter for a connection.
+pub type AdapterFactory =
+    fn(&Connection, &fhirgate_mappings::Profile) -> Result<Arc<dyn EhrAdapter>, RegistryError>;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RegistryError {
+    #[error("connection {connection}: no adapter for vendor `{vendor}` (known: {known})")]
+    UnknownVendor {
+        connection: String,
+        vendor: String,
+        known: String,
+    },
+    #[error("connection {connection}: no mapping profile for vendor `{vendor}`")]
+    NoProfile { connection: String, vendor: String },
+    #[error("connection {connection}: {key}: {problem}")]
+    Setting {
+        connection: String,
+        key: String,
+        problem: String,
+    },
+}
+
+/// Vendor name -> factory.
+#[derive(Clone, Default)]
+pub struct Registry {
+    factories: BTreeMap<String, AdapterFactory>,
+}
+
+impl Registry {
+    /// The vendors this crate ships (none registered yet: the vendor modules arrive with
+    /// issue 5's adapters).
+    pub fn built_in() -> Self {
+        Self::default()
+    }
+
+    /// Adds (or replaces) a vendor's factory.
+    pub fn register(mut self, vendor: &str, factory: AdapterFactory) -> Self {
+        self.factories.insert(vendor.to_owned(), factory);
+        self
+    }
+
+    pub fn vendors(&self) -> impl Iterator<Item = &str> {
+        self.factories.keys().map(String::as_str)
+    }
+
+    /// The adapter of a connection, with its vendor's mapping profile.
+    pub fn build(
+        &self,
+        connection: &Connection,
+        profiles: &Profiles,
+    ) -> Result<Arc<dyn EhrAdapter>, RegistryError> {
+        let factory =
+            self.factories
+                .get(&connection.vendor)
+                .ok_or_else(|| RegistryError::UnknownVendor {
+                    connection: connection.id.clone(),
+                    vendor: connection.vendor.clone(),
+                    known: self.vendors().collect::<Vec<_>>().join(", "),
+                })?;
+        let profile = profiles
+            .get(&connection.vendor)
+            .ok_or_else(|| RegistryError::NoProfile {
+                connection: connection.id.clone(),
+                vendor: connection.vendor.clone(),
+            })?;
+        factory(connection, profile)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapter::*;
+    use crate::AdapterError;
+    use serde_json::Value;
+
+    /// An adapter that answers every call with a fixed error, to exercise the registry.
+    struct Offline(String);
+
+    #[async_trait::async_trait]
+    impl EhrAdapter for Offline {
+        fn vendor(&self) -> &str {
+            &self.0
+        }
+        async fn patient(&self, _: &str) -> Result<Value, AdapterError> {
+            Err(AdapterError::Transient("offline".into()))
+        }
+        fn patients_changed_since<'a>(&'a self, _: Option<&'a str>) -> PageStream<'a> {
+            Box::pin(futures_util::stream::empty())
+        }
+        async fn coverage_for(&self, _: &str) -> Result<Vec<Value>, AdapterError> {
+            Ok(vec![])
+        }
+        async fn start_export(
+            &self,
+            _: &ExportRequest,
+        ) -> Result<Option<BulkExport>, AdapterError> {
+            Ok(None)
+        }
+        async fn poll_export(&self, _: &BulkExport) -> Result<ExportStatus, AdapterError> {
+            Err(AdapterError::Permanent("no export".into()))
+        }
+        fn download<'a>(&'a self, _: &'a ExportFile) -> PageStream<'a> {
+            Box::pin(futures_util::stream::empty())
+        }
+        async fn push_claim_status(
+            &self,
+            _: &ClaimStatusUpdate,
+        ) -> Result<PushReceipt, AdapterError> {
+            Err(AdapterError::Permanent("read-only".into()))
+        }
+    }
+
+    fn offline(
+        c: &Connection,
+        _: &fhirgate_mappings::Profile,
+    ) -> Result<Arc<dyn EhrAdapter>, RegistryError> {
+        Ok(Arc::new(Offline(c.vendor.clone())))
+    }
+
+    fn connection(vendor: &str) -> Connection {
+        Connection {
+            id: "conn-1".into(),
+            vendor: vendor.into(),
+            fhir_base_url: "https://ehr.example/fhir/r4".into(),
+            settings: Default::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_registered_vendor_builds_with_its_profile_and_others_are_named_errors() {
+        let profiles = Profiles::built_in().unwrap();
+        let registry = Registry::built_in()
+            .register("epic", offline)
+            .register("acme", offline);
+        let adapter = registry.build(&connection("epic"), &profiles).unwrap();
+        assert_eq!(adapter.vendor(), "epic");
+        assert!(adapter.patient("p1").await.unwrap_err().is_retryable());
+        assert_eq!(
+            registry.build(&connection("meditech"), &profiles).err(),
+            Some(RegistryError::UnknownVendor {
+                connection: "conn-1".into(),
+                vendor: "meditech".into(),
+                known: "acme, epic".into()
+            })
+        );
+        assert!(matches!(
+            registry.build(&connection("acme"), &profiles).err(),
+            Some(RegistryError::NoProfile { .. })
+        ));
+    }
+}
