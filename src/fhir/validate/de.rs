@@ -348,7 +348,17 @@ fn got_json(unexp: &Unexpected<'_>) -> &'static str {
 #[derive(Default)]
 pub(crate) struct Ctx {
     /// Paths of keys the model ignored (unknown elements of structs without choice elements).
-    pub ignored: RefCell<Vec<String>>,
+    pub ignored: RefCell<Vec<Vec<Seg>>>,
+}
+
+/// FHIR element names are `[A-Za-z][A-Za-z0-9]*`; a `_` before one names its primitive's
+/// extension holder. Only keys of this shape are ever put into an expression: a key is the
+/// client's text too.
+pub(crate) fn is_element_name(key: &str) -> bool {
+    let name = key.strip_prefix('_').unwrap_or(key);
+    name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && name.chars().all(|c| c.is_ascii_alphanumeric())
 }
 
 /// How the value at hand is held, so buffering and ignoring can be noticed.
@@ -545,7 +555,7 @@ impl<'de> de::Deserializer<'de> for ValueDe<'de, '_> {
     /// struct are not seen here; the round trip finds those).
     fn deserialize_ignored_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
         if let Role::Child { entry: true, .. } = self.role {
-            self.ctx.ignored.borrow_mut().push(self.path.render());
+            self.ctx.ignored.borrow_mut().push(self.path.segments());
         }
         visitor.visit_unit()
     }

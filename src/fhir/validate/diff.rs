@@ -11,7 +11,7 @@
 use fhir_sdk::r4b::types::FieldExtension;
 use serde_json::{Map, Value};
 
-use super::de::{Kind, Path};
+use super::de::{is_element_name, Kind, Path};
 use super::model::{check_choice, check_typed, choice_split};
 use super::{IssueCode, Issues};
 
@@ -161,9 +161,15 @@ fn dropped(
             );
             return;
         }
+        issues.push(IssueCode::Structure, here.render(), NOT_THIS_TYPE);
+        return;
     }
     issues.push(IssueCode::Structure, here.render(), "unknown element");
 }
+
+/// A choice element's name with a type it may not take here, or no such element at all.
+pub(super) const NOT_THIS_TYPE: &str =
+    "unknown element (or a type its choice element does not take)";
 
 /// In R4 JSON a `null` item is only a placeholder: it lines up a primitive array with its `_`
 /// sibling (`"given": ["Jo", null]` with `"_given": [null, {"extension": ...}]`). fhir-sdk reads
@@ -205,14 +211,6 @@ fn is_primitive(value: &Value) -> bool {
         Value::Object(_) => false,
         _ => true,
     }
-}
-
-/// FHIR element names are `[A-Za-z][A-Za-z0-9]*`; a `_` before one names its extension holder.
-fn is_element_name(key: &str) -> bool {
-    let name = key.strip_prefix('_').unwrap_or(key);
-    name.len() <= 64
-        && name.starts_with(|c: char| c.is_ascii_alphabetic())
-        && name.chars().all(|c| c.is_ascii_alphanumeric())
 }
 
 /// Whether `s` is a FHIR date, dateTime, instant or time, in the lexical forms of

@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::de::{Ctx, Error, Kind, Path, Seg, ValueDe};
+use super::de::{is_element_name, render, Ctx, Error, Kind, Path, Seg, ValueDe};
 use super::{diff, IssueCode, Issues};
 
 /// Reads `value` as `T`; on success writes it back and compares, on failure reports the error
@@ -27,13 +27,35 @@ where
             Err(_) => unwritable::<T>(value, path, issues),
         },
         Err(error) => {
-            for ignored in ctx.ignored.take() {
-                issues.push(IssueCode::Structure, ignored, "unknown element");
+            // The round trip does not happen, so report what the model ignored until it failed.
+            for segs in ctx.ignored.take() {
+                ignored(&segs, path.root(), top, issues);
             }
             // An error the type raised itself after reading its value (`DateTime::from_str`)
             // or at the top has no path yet: it is this value's.
             refine(error.located(path, false), path.root(), top, issues);
         }
+    }
+}
+
+/// A key the model ignored: an unknown element, but for R4's `_implicitRules` and `_language`
+/// of a resource, which fhir-sdk's R4B resources do not model (the round trip checks those).
+fn ignored(segs: &[Seg], root: &str, top: &Value, issues: &mut Issues) {
+    let Some((Seg::Key(key), parent)) = segs.split_last() else {
+        return;
+    };
+    let of_resource = navigate(top, parent).is_some_and(|p| p.get("resourceType").is_some());
+    if of_resource && (key == "_implicitRules" || key == "_language") {
+        return;
+    }
+    if is_element_name(key) {
+        issues.push(IssueCode::Structure, render(root, segs), "unknown element");
+    } else {
+        issues.push(
+            IssueCode::Structure,
+            render(root, parent),
+            "an element whose name is not a FHIR element name",
+        );
     }
 }
 
@@ -292,6 +314,8 @@ pub(super) fn check_choice(
     }
 }
 
+const NOT_A_RESOURCE_TYPE: &str = "not a resource type of FHIR R4B";
+
 /// Turns a deserialization error into issues, looking again where serde had buffered.
 fn refine(error: Error, root: &str, top: &Value, issues: &mut Issues) {
     let segs = error.path.clone().unwrap_or_default();
@@ -303,12 +327,13 @@ fn refine(error: Error, root: &str, top: &Value, issues: &mut Issues) {
     let before = issues.len();
     if error.buffered {
         // A resource inside another (contained, Bundle.entry.resource): check it by its type.
-        if let Some(rt) = here
-            .and_then(|v| v.get("resourceType"))
-            .and_then(Value::as_str)
-        {
-            if let Some(v) = here {
-                check_resource(rt, v, &at, top, issues);
+        if let Some((v, rt)) = here.and_then(|v| Some((v, v.get("resourceType")?.as_str()?))) {
+            if !check_resource(rt, v, &at, top, issues) {
+                issues.push(
+                    IssueCode::Structure,
+                    Path::Key(&at, "resourceType").render(),
+                    NOT_A_RESOURCE_TYPE,
+                );
             }
         }
     }
@@ -333,11 +358,27 @@ fn refine(error: Error, root: &str, top: &Value, issues: &mut Issues) {
         }
         Kind::MissingChoice(enum_name) => {
             let element = choice_element_name(root, &segs, enum_name);
-            let path = match &element {
-                Some(element) => Path::Key(&at, element).render(),
-                None => at.render(),
-            };
-            issues.push_kind(&error.kind, path);
+            // Present, but with a type this choice element does not take (`valueString` where
+            // only `valueCodeableConcept` and the like are allowed)?
+            let stem = element.as_deref().and_then(|e| e.strip_suffix("[x]"));
+            let wrong_type = error.buffered_keys.iter().find(|k| {
+                !k.starts_with('_') && stem.is_some() && choice_split(k).map(|(s, _)| s) == stem
+            });
+            match (wrong_type, &element) {
+                (Some(key), _) => issues.push(
+                    IssueCode::Structure,
+                    Path::Key(&at, key).render(),
+                    diff::NOT_THIS_TYPE,
+                ),
+                (None, Some(element)) => {
+                    issues.push_kind(&error.kind, Path::Key(&at, element).render());
+                }
+                (None, None) => issues.push_kind(&error.kind, at.render()),
+            }
+        }
+        // serde read the tag of a contained resource (`Resource` is internally tagged).
+        Kind::BadCode if segs.last() == Some(&Seg::Key("resourceType".into())) => {
+            issues.push(IssueCode::Structure, at.render(), NOT_A_RESOURCE_TYPE);
         }
         kind => issues.push_kind(kind, at.render()),
     }
@@ -439,7 +480,7 @@ fn unwritable<T: DeserializeOwned + Serialize>(
             if !round_trips::<T>(&one) {
                 found = true;
                 let segs: Vec<Seg> = prefix.iter().chain(c).cloned().collect();
-                issues.push_kind(&Kind::BadDate, super::de::render(path.root(), &segs));
+                issues.push_kind(&Kind::BadDate, render(path.root(), &segs));
             }
         }
     }

@@ -8,6 +8,7 @@ use std::path::{Path as FsPath, PathBuf};
 
 use serde_json::{json, Value};
 
+use super::diff::NOT_THIS_TYPE;
 use super::{model, validate, Issue, IssueCode};
 
 const SERVED: [&str; 8] = [
@@ -460,7 +461,19 @@ fn a_fault_inside_a_choice_element_names_the_choice_element() {
         (
             "Patient.deceasedString".into(),
             "structure",
-            "unknown element".into()
+            NOT_THIS_TYPE.into()
+        )
+    );
+    let mut g = example("Group-herd1.json");
+    let c = g["characteristic"][0].as_object_mut().expect("object");
+    c.remove("valueCodeableConcept");
+    c.insert("valueString".into(), json!("cows"));
+    assert_eq!(
+        issue(&g),
+        (
+            "Group.characteristic[0].valueString".into(),
+            "structure",
+            NOT_THIS_TYPE.into()
         )
     );
     let mut p = example("Patient-example.json");
@@ -489,7 +502,16 @@ fn a_fault_inside_a_contained_resource_names_its_element() {
     ]);
     assert_eq!(issue(&p).0, "Patient.contained[1].gender");
     p["contained"][1] = json!({ "resourceType": "Nonsense", "id": "n" });
-    assert!(!issues(&p).is_empty());
+    assert_eq!(
+        issue(&p),
+        (
+            "Patient.contained[1].resourceType".into(),
+            "structure",
+            "not a resource type of FHIR R4B".into()
+        )
+    );
+    p["contained"][1] = json!({ "id": "n" });
+    assert_eq!(issue(&p).0, "Patient.contained[1].resourceType");
     // fm-status applies to contained resources too.
     let mut c = example("Claim-100150.json");
     c["contained"] = json!([{ "resourceType": "Coverage", "id": "c", "status": "bogus",
@@ -596,6 +618,11 @@ fn no_issue_ever_contains_the_submitted_value() {
         Box::new(|p| p["favourite"] = json!(MARK)),
         Box::new(|p| p[MARK] = json!(MARK)),
         Box::new(|p| p[format!("x {MARK}")] = json!(1)),
+        // A key the model ignores before it fails elsewhere.
+        Box::new(|p| {
+            p["telecom"][0][format!("x {MARK}")] = json!(1);
+            p["gender"] = json!("robot");
+        }),
         Box::new(|p| p["contained"] = json!([{ "resourceType": "Patient", "gender": MARK }])),
         Box::new(|p| p["contained"] = json!([{ "resourceType": MARK }])),
         Box::new(|p| p["extension"] = json!([{ "url": MARK, "valueInteger": MARK }])),
