@@ -516,13 +516,20 @@ impl<'de> de::Deserializer<'de> for ValueDe<'de, '_> {
         self.any(visitor)
     }
 
+    /// Only an object: serde's derived structs would also read an array as a tuple of fields.
     fn deserialize_struct<V: Visitor<'de>>(
         self,
         _name: &'static str,
         _fields: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value, Error> {
-        self.any(visitor)
+        match self.value {
+            Value::Object(_) => self.any(visitor),
+            other => Err(Error::new(Kind::WrongType {
+                expected: "an object",
+                got: json_kind(other),
+            })),
+        }
     }
 
     fn deserialize_enum<V: Visitor<'de>>(
@@ -546,7 +553,7 @@ impl<'de> de::Deserializer<'de> for ValueDe<'de, '_> {
             }
             other => Err(Error::new(Kind::WrongType {
                 expected: "a string or an object of one element",
-                got: got_json(&unexpected(other)),
+                got: json_kind(other),
             })),
         }
     }
@@ -561,14 +568,16 @@ impl<'de> de::Deserializer<'de> for ValueDe<'de, '_> {
     }
 }
 
-fn unexpected(value: &Value) -> Unexpected<'_> {
+/// The JSON type of a value, in the words of `got_json`.
+fn json_kind(value: &Value) -> &'static str {
     match value {
-        Value::Null => Unexpected::Unit,
-        Value::Bool(b) => Unexpected::Bool(*b),
-        Value::Number(_) => Unexpected::Float(0.0),
-        Value::String(_) => Unexpected::Str(""),
-        Value::Array(_) => Unexpected::Seq,
-        Value::Object(_) => Unexpected::Map,
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(n) if n.is_u64() || n.is_i64() => "an integer",
+        Value::Number(_) => "a decimal number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
     }
 }
 

@@ -312,6 +312,16 @@ fn a_wrong_json_type_is_refused_with_its_path() {
         )
     );
     let mut p = example("Patient-example.json");
+    p["maritalStatus"] = json!([{ "text": "married" }]);
+    assert_eq!(
+        issue(&p),
+        (
+            "Patient.maritalStatus".into(),
+            "structure",
+            "expected an object, got an array".into()
+        )
+    );
+    let mut p = example("Patient-example.json");
     p["telecom"][1]["rank"] = json!(0);
     assert_eq!(issue(&p).0, "Patient.telecom[1].rank", "positiveInt");
 }
