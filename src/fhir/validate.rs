@@ -110,6 +110,14 @@ pub fn validate(expected_type: &str, resource: &Value) -> Result<(), Vec<Issue>>
         prefix: &[],
     };
     let mut issues = Issues::default();
+    if nested_deeper_than(resource, MAX_DEPTH) {
+        issues.push(
+            IssueCode::TooCostly,
+            expected_type.to_owned(),
+            format!("nested deeper than {MAX_DEPTH} levels of objects and arrays"),
+        );
+        return issues.finish();
+    }
     if !model::check_resource(expected_type, resource, &root, resource, &mut issues) {
         issues.push(
             IssueCode::NotSupported,
@@ -119,6 +127,22 @@ pub fn validate(expected_type: &str, resource: &Value) -> Result<(), Vec<Issue>>
     }
     rules::check(resource, &root, &mut issues);
     issues.finish()
+}
+
+/// How deep a body may nest objects and arrays. The deepest of the 5,300 official R4 examples
+/// nests 22 levels. The typed check spends stack on every level (serde's visitors, and more for
+/// resources inside resources, which serde buffers), and a request runs on a worker thread of
+/// 2 MiB: a bound well below serde_json's own 128 keeps a crafted body from overflowing it (an
+/// overflow aborts the process).
+const MAX_DEPTH: usize = 48;
+
+fn nested_deeper_than(value: &Value, levels: usize) -> bool {
+    let deeper = |child: &Value| nested_deeper_than(child, levels - 1);
+    match value {
+        Value::Array(items) => levels == 0 || items.iter().any(deeper),
+        Value::Object(map) => levels == 0 || map.values().any(deeper),
+        _ => false,
+    }
 }
 
 /// At most this many issues are listed; a body with more is refused all the same.

@@ -667,6 +667,48 @@ fn the_list_of_issues_is_bounded() {
     assert_eq!(issues[100].message, "400 more issues are not listed");
 }
 
+/// Bundles nested `depth` times around a Patient with faults at the bottom (the costliest shape:
+/// each resource inside another is buffered by serde, and each fault is looked at again).
+fn nested_bundles(depth: usize) -> Value {
+    let mut resource = json!({
+        "resourceType": "Patient",
+        "gender": "robot",
+        "contained": [{ "resourceType": "Observation", "status": "final", "code": { "text": "w" },
+                        "valueQuantity": { "value": "heavy" } }]
+    });
+    for _ in 0..depth {
+        resource = json!({ "resourceType": "Bundle", "type": "collection", "entry": [{ "resource": resource }] });
+    }
+    resource
+}
+
+/// Validates on a thread with the stack of a request handler (tokio's workers: 2 MiB).
+fn on_a_worker_stack(value: Value) -> Result<(), Vec<Issue>> {
+    std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || validate(resource_type(&value), &value))
+        .expect("a thread")
+        .join()
+        .expect("no stack overflow")
+}
+
+#[test]
+fn a_body_nested_too_deep_is_refused_before_it_can_exhaust_the_stack() {
+    // 14 Bundles: 47 levels, within the bound; its faults are found, even in a debug build.
+    let issues = on_a_worker_stack(nested_bundles(14)).unwrap_err();
+    let leaf = format!("Bundle{}.gender", ".entry[0].resource".repeat(14));
+    assert!(issues.iter().any(|i| i.path == leaf), "{}", report(&issues));
+    // 20 Bundles: 65 levels. (30 overflowed 2 MiB in a debug build before the bound.)
+    for depth in [16, 20, 40] {
+        let issues = on_a_worker_stack(nested_bundles(depth)).unwrap_err();
+        assert_eq!(issues.len(), 1);
+        assert_eq!(
+            (issues[0].path.as_str(), issues[0].code),
+            ("Bundle", IssueCode::TooCostly)
+        );
+    }
+}
+
 #[test]
 fn a_type_fhir_sdk_does_not_model_is_not_supported() {
     let issues = validate(
