@@ -201,6 +201,15 @@ async fn a_failing_transaction_writes_nothing() {
         .unwrap()
         .starts_with("Bundle.entry[1].resource"));
 
+    let mut bundle = intake(&payer);
+    bundle["entry"][0]["resource"]["gender"] = json!("robot");
+    let res = post_bundle(&fhir, &bundle).await;
+    assert_eq!(res.status(), 400);
+    assert_eq!(
+        fhir_body(res).await["issue"][0]["expression"][0],
+        "Bundle.entry[0].resource.gender"
+    );
+
     // An update whose ifMatch is stale: 412, and the other entries are not written either.
     let mut update = existing.clone();
     update["name"] = json!([{ "family": "Changed" }]);

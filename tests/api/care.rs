@@ -618,3 +618,96 @@ async fn concurrent_conditional_creates_make_one_resource() {
         1
     );
 }
+
+#[tokio::test]
+async fn structurally_invalid_resources_are_refused_naming_the_element_and_never_the_value() {
+    let app = spawn_app().await;
+    let fhir = Fhir::new(&app, ALL).await;
+    let marker = "Zebediah-Quackenbush-7731";
+    let patient = json!({ "resourceType": "Patient", "name": [{ "family": "Ok" }] });
+    let with = |path: &[&str], value: Value| {
+        let mut body = patient.clone();
+        let mut at = &mut body;
+        for key in &path[..path.len() - 1] {
+            at = &mut at[*key];
+        }
+        at[path[path.len() - 1]] = value;
+        body
+    };
+    let cases = [
+        (
+            with(&["gender"], json!(marker)),
+            "Patient.gender",
+            "code-invalid",
+        ),
+        (
+            with(&["birthDate"], json!(format!("1990-13-45{marker}"))),
+            "Patient.birthDate",
+            "value",
+        ),
+        (
+            with(&["name"], json!([{ "family": ["not", marker] }])),
+            "Patient.name[0].family",
+            "structure",
+        ),
+        (
+            with(&["favouriteColour"], json!(marker)),
+            "Patient.favouriteColour",
+            "structure",
+        ),
+        (
+            with(&["name"], json!([{ "family": "Ok", "nickname": marker }])),
+            "Patient.name[0].nickname",
+            "structure",
+        ),
+        (
+            with(&["active"], json!(marker)),
+            "Patient.active",
+            "structure",
+        ),
+    ];
+    for (body, expression, code) in cases {
+        let res = fhir.post("/Patient", &body).await;
+        assert_eq!(res.status(), 400, "{expression}");
+        let text = res.text().await.unwrap();
+        assert!(
+            !text.contains(marker),
+            "{expression}: the value was echoed: {text}"
+        );
+        let outcome: Value = serde_json::from_str(&text).unwrap();
+        let issue = outcome["issue"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["expression"][0] == expression)
+            .unwrap_or_else(|| panic!("{expression} not named: {text}"));
+        assert_eq!(issue["code"], code, "{expression}");
+        assert_valid_fhir(&[outcome]);
+    }
+    // Required elements of the other types; an update is checked the same way.
+    let res = fhir
+        .post(
+            "/Encounter",
+            &json!({ "resourceType": "Encounter", "class": { "code": "AMB" } }),
+        )
+        .await;
+    assert_eq!(res.status(), 400);
+    assert_eq!(
+        fhir_body(res).await["issue"][0]["expression"][0],
+        "Encounter.status"
+    );
+    let res = fhir
+        .post("/Coverage", &json!({ "resourceType": "Coverage", "status": "active", "payor": [{ "display": "x" }] }))
+        .await;
+    assert_eq!(res.status(), 400);
+    let created = fhir.create(&patient).await;
+    let id = created["id"].as_str().unwrap();
+    let mut bad = created.clone();
+    bad["gender"] = json!("robot");
+    let res = fhir.put(&format!("/Patient/{id}"), &bad).await;
+    assert_eq!(res.status(), 400);
+    // Nothing of it was stored: one patient, at version 1.
+    assert_eq!(fhir.search_ids("/Patient").await.len(), 1);
+    let read = fhir_body(fhir.get(&format!("/Patient/{id}")).await).await;
+    assert_eq!(read["meta"]["versionId"], "1");
+}
