@@ -93,6 +93,9 @@ pub fn fhir_api() -> FhirApi {
         .resource(fhir::resources::resource_def(
             &fhir::resources::patient::PATIENT,
         ))
+        .resource(fhir::resources::resource_def(
+            &fhir::resources::group::GROUP,
+        ))
         .resource(fhir::audit_event::resource())
 }
 

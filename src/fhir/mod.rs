@@ -21,7 +21,7 @@ use crate::gate::smart;
 
 use crate::http::ApiError;
 
-pub use registry::{FhirApi, Interaction, ResourceDef, SearchParamDef};
+pub use registry::{FhirApi, Interaction, OperationDef, ResourceDef, SearchParamDef};
 
 /// Base path of the FHIR API.
 pub const FHIR_BASE: &str = "/fhir/r4";

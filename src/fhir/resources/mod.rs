@@ -8,6 +8,7 @@
 //! reaches the store; search parameters that are PHI are indexed only as keyed blind indexes.
 //! Writes commit with their audit event in one transaction.
 
+pub mod group;
 pub mod patient;
 pub mod search;
 
@@ -42,6 +43,7 @@ pub struct Kind {
 /// Registers every interaction of `kind`.
 pub fn resource_def(kind: &'static Kind) -> ResourceDef {
     let mut def = ResourceDef::new(kind.resource_type)
+        .stored_as(kind)
         .versioned()
         .interaction(
             Interaction::Read,
