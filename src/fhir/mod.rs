@@ -6,6 +6,7 @@
 
 pub mod audit_event;
 pub mod capability;
+pub mod export;
 pub mod negotiate;
 pub mod registry;
 pub mod resources;

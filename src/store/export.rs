@@ -707,7 +707,10 @@ macro_rules! shared_export_sql {
                     q.push(" AND r.last_updated_us > ").push_bind(since);
                 }
                 if let Some((last_updated, id)) = &query.after {
-                    q.push(" AND (r.last_updated_us > ")
+                    // The first condition alone bounds the index range; the OR refines it.
+                    q.push(" AND r.last_updated_us >= ")
+                        .push_bind(*last_updated)
+                        .push(" AND (r.last_updated_us > ")
                         .push_bind(*last_updated)
                         .push(" OR (r.last_updated_us = ")
                         .push_bind(*last_updated)

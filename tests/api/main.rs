@@ -5,6 +5,7 @@ mod audit;
 mod audit_event;
 mod auth;
 mod binary;
+mod export;
 mod fhir_surface;
 mod helpers;
 mod internal_api;
