@@ -8,6 +8,7 @@
 //! reaches the store; search parameters that are PHI are indexed only as keyed blind indexes.
 //! Writes commit with their audit event in one transaction.
 
+pub mod bulk;
 pub mod group;
 pub mod patient;
 pub mod search;
