@@ -7,7 +7,14 @@
 //! ```text
 //! cargo bench --bench gateway                 # every scenario
 //! cargo bench --bench gateway -- metadata     # baseline + scenarios whose name contains "metadata"
+//! cargo bench --bench gateway -- export       # baseline + the bulk export run
 //! ```
+//!
+//! `export_system` is not a load scenario but one timed run: it seeds `BENCH_EXPORT_PATIENTS`
+//! (default 100,000) patients straight through `Store::write_resources` (sealed and indexed as a
+//! create would, 1,000 per transaction), then times a whole system-level `$export` through the
+//! gate (kick-off, polls, every file downloaded and counted) and prints the peak RSS (VmHWM)
+//! before and after it.
 //!
 //! Environment: `BENCH_SECONDS` (default 10, per scenario, after a 1 s warm-up),
 //! `BENCH_CONCURRENCY` (default 32 client tasks), `BENCH_JSON=path` (also write the figures as
@@ -217,6 +224,15 @@ impl BenchConfig {
         })
     }
 
+    /// Whether the filters (or their absence) select the `export_system` run.
+    fn runs_export(&self) -> bool {
+        self.filters.is_empty()
+            || self
+                .filters
+                .iter()
+                .any(|f| EXPORT_SCENARIO.contains(f.as_str()))
+    }
+
     fn selects(&self, scenario: &Scenario) -> bool {
         scenario.name == "baseline"
             || self.filters.is_empty()
@@ -249,7 +265,7 @@ fn main() -> ExitCode {
         .into_iter()
         .filter(|s| config.selects(s))
         .collect();
-    if selected.len() == 1 && !config.filters.is_empty() {
+    if selected.len() == 1 && !config.filters.is_empty() && !config.runs_export() {
         let names: Vec<&str> = scenarios().iter().map(|s| s.name).collect();
         eprintln!(
             "gateway bench: no scenario matches {:?}; known: {}",
@@ -341,6 +357,12 @@ async fn run(config: BenchConfig, scenarios: Vec<Scenario>) -> ExitCode {
         };
         results.push(measure(&client, url, scenario, &context, &config).await);
     }
+    let export = if config.runs_export() {
+        let analyze = db.postgres.as_ref().map(|_| db.url.as_str());
+        Some(export_run(&client, &base_url, &*store, &settings, &context, analyze).await)
+    } else {
+        None
+    };
 
     unaudited_handle.stop(true).await;
     let _ = unaudited_server.await;
@@ -353,7 +375,8 @@ async fn run(config: BenchConfig, scenarios: Vec<Scenario>) -> ExitCode {
     let _ = std::env::set_current_dir(original_dir);
     drop(workdir);
 
-    let report = Report::new(&config, backend, http_workers, results);
+    let mut report = Report::new(&config, backend, http_workers, results);
+    report.export = export;
     report.print_table();
     if let Some(path) = &config.json_path {
         let json = serde_json::to_string_pretty(&report).expect("the report serializes");
@@ -764,6 +787,7 @@ struct Report {
     backend: &'static str,
     http_workers: usize,
     scenarios: Vec<Measurement>,
+    export: Option<ExportMeasurement>,
 }
 
 impl Report {
@@ -793,6 +817,7 @@ impl Report {
             backend,
             http_workers,
             scenarios,
+            export: None,
         }
     }
 
@@ -840,5 +865,194 @@ impl Report {
         if self.scenarios.iter().any(|m| !m.peak_rss_reset) {
             println!("note: /proc/self/clear_refs was not writable; RSS MiB is the peak since the process started");
         }
+        if let Some(e) = &self.export {
+            e.print();
+        }
+    }
+}
+
+/// The name the `export_system` run answers to in filters.
+const EXPORT_SCENARIO: &str = "export_system";
+/// Patients per `write_resources` call while seeding the export run.
+const SEED_BATCH: usize = 1_000;
+
+/// What the `export_system` run measured.
+#[derive(serde::Serialize)]
+struct ExportMeasurement {
+    seeded_patients: usize,
+    seed_s: f64,
+    exported_resources: u64,
+    files: usize,
+    ndjson_mib: f64,
+    /// Kick-off to the last byte of the last file.
+    export_s: f64,
+    resources_per_sec: f64,
+    /// VmHWM before the export (since the process started: seeding and earlier scenarios).
+    peak_rss_before_mib: Option<f64>,
+    rss_before_mib: Option<f64>,
+    /// VmHWM after the export: its own peak when the counter could be reset before it.
+    peak_rss_after_mib: Option<f64>,
+    peak_rss_reset: bool,
+}
+
+impl ExportMeasurement {
+    fn print(&self) {
+        let mib = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1} MiB"));
+        println!(
+            "{EXPORT_SCENARIO}: seeded {} patients through the store in {:.1} s; exported {} resources \
+             ({} files, {:.1} MiB NDJSON) through the gate in {:.2} s, kick-off to last byte \
+             ({:.0} resources/s)",
+            self.seeded_patients,
+            self.seed_s,
+            self.exported_resources,
+            self.files,
+            self.ndjson_mib,
+            self.export_s,
+            self.resources_per_sec,
+        );
+        println!(
+            "{EXPORT_SCENARIO}: peak RSS before the export {} (RSS {}), after it {}{}",
+            mib(self.peak_rss_before_mib),
+            mib(self.rss_before_mib),
+            mib(self.peak_rss_after_mib),
+            if self.peak_rss_reset {
+                " (peak counter reset at the kick-off: the export's own peak)"
+            } else {
+                " (peak since the process started)"
+            }
+        );
+    }
+}
+
+/// VmRSS from /proc/self/status, in MiB.
+fn rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: f64 = line
+        .trim_start_matches("VmRSS:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Seeds patients through the store, then times a system-level export through the gate.
+async fn export_run(
+    client: &Client,
+    base_url: &str,
+    store: &dyn fhirgate::store::Store,
+    settings: &Settings,
+    context: &Context,
+    analyze: Option<&str>,
+) -> ExportMeasurement {
+    use fhirgate::fhir::resources::{bulk, patient::PATIENT};
+
+    let patients = env_number("BENCH_EXPORT_PATIENTS", 100_000usize)
+        .expect("BENCH_EXPORT_PATIENTS is a number");
+    let practice = store
+        .get_client(&context.client_id)
+        .await
+        .expect("the bench client")
+        .practice_id;
+    let master = fhirgate::keys::MasterSecret::from_settings(settings).expect("the bench key");
+    let vault =
+        fhirgate::startup::open_vault(store, &fhirgate::crypto::PhiKeys::new(master.keyring()))
+            .await
+            .expect("the PHI vault opens");
+    let started = Instant::now();
+    for first in (0..patients).step_by(SEED_BATCH) {
+        let writes: Vec<_> = (first..(first + SEED_BATCH).min(patients))
+            .map(|i| {
+                bulk::new_resource(&PATIENT, &vault, &practice, &bench_patient(i))
+                    .expect("a valid bench patient")
+            })
+            .collect();
+        store
+            .write_resources(&practice, &writes, &[])
+            .await
+            .expect("seed a batch of patients");
+    }
+    let seed_s = started.elapsed().as_secs_f64();
+    if let Some(url) = analyze {
+        let pool = sqlx::PgPool::connect(url)
+            .await
+            .expect("connect to analyze");
+        sqlx::query("ANALYZE")
+            .execute(&pool)
+            .await
+            .expect("ANALYZE");
+        pool.close().await;
+    }
+
+    let peak_rss_before_mib = peak_rss_mib();
+    let rss_before_mib = rss_mib();
+    let peak_rss_reset = reset_peak_rss();
+    let started = Instant::now();
+    let res = client
+        .get(format!("{base_url}/fhir/r4/$export"))
+        .bearer_auth(&context.token)
+        .header("prefer", "respond-async")
+        .send()
+        .await
+        .expect("kick-off");
+    assert_eq!(res.status(), 202, "kick-off");
+    let status = res
+        .headers()
+        .get("content-location")
+        .and_then(|v| v.to_str().ok())
+        .expect("Content-Location")
+        .replace("http://gateway.bench", base_url);
+    let manifest: serde_json::Value = loop {
+        let res = client
+            .get(&status)
+            .bearer_auth(&context.token)
+            .send()
+            .await
+            .expect("status");
+        match res.status().as_u16() {
+            200 => break res.json().await.expect("the manifest"),
+            202 => tokio::time::sleep(Duration::from_millis(100)).await,
+            other => panic!("export status {other}"),
+        }
+    };
+    let mut exported = 0u64;
+    let mut bytes = 0u64;
+    let files = manifest["output"].as_array().expect("output").len();
+    for file in manifest["output"].as_array().expect("output") {
+        let url = file["url"]
+            .as_str()
+            .expect("a file URL")
+            .replace("http://gateway.bench", base_url);
+        let mut res = client
+            .get(url)
+            .bearer_auth(&context.token)
+            .header("accept", "application/fhir+ndjson")
+            .send()
+            .await
+            .expect("download");
+        assert_eq!(res.status(), 200, "download");
+        let mut lines = 0u64;
+        while let Some(chunk) = res.chunk().await.expect("file body") {
+            bytes += chunk.len() as u64;
+            lines += chunk.iter().filter(|b| **b == b'\n').count() as u64;
+        }
+        assert_eq!(Some(lines), file["count"].as_u64(), "lines = count");
+        exported += lines;
+    }
+    let export_s = started.elapsed().as_secs_f64();
+    ExportMeasurement {
+        seeded_patients: patients,
+        seed_s,
+        exported_resources: exported,
+        files,
+        ndjson_mib: bytes as f64 / (1024.0 * 1024.0),
+        export_s,
+        resources_per_sec: exported as f64 / export_s,
+        peak_rss_before_mib,
+        rss_before_mib,
+        peak_rss_after_mib: peak_rss_mib(),
+        peak_rss_reset,
     }
 }

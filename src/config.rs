@@ -52,6 +52,7 @@ pub struct Settings {
     pub rate_limit: crate::gate::rate_limit::RateLimitSettings,
     /// How long audit events are kept before `audit purge` may delete them (>= 2192 days).
     pub audit_retention_days: u32,
+    pub export: crate::fhir::export::ExportSettings,
 }
 
 /// A secret setting: redacted whenever displayed.
@@ -207,6 +208,9 @@ impl Settings {
             ));
         }
         if let Err((key, reason)) = self.rate_limit.validate() {
+            return Err(bad(key, reason));
+        }
+        if let Err((key, reason)) = self.export.validate() {
             return Err(bad(key, reason));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {

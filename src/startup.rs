@@ -42,6 +42,8 @@ pub struct AppState {
     vault: tokio::sync::OnceCell<PhiVault>,
     /// Parameters of `POST _search` requests, for their paging links.
     pub saved_searches: SavedSearches,
+    /// Bulk export (`$export`): settings, exported types, this instance's runners.
+    pub exports: fhir::export::Exports,
     /// Benchmarks only (see [`BuildOptions`]).
     pub skip_audit: bool,
 }
@@ -85,19 +87,22 @@ pub struct Application {
     server: Server,
     store: Arc<dyn Store>,
     audit_writer: tokio::task::JoinHandle<()>,
+    exports: fhir::export::Exports,
 }
 
-/// The FHIR API as registered today. Later resources are added here.
+/// The FHIR API as registered today. Later resources are added here, before the operations
+/// (bulk export exports every stored type registered before it).
 pub fn fhir_api() -> FhirApi {
     let mut api = FhirApi::new();
     for kind in fhir::resources::KINDS {
         api = api.resource(fhir::resources::resource_def(kind));
     }
-    api.resource(fhir::audit_event::resource()).system(
+    let api = api.resource(fhir::audit_event::resource()).system(
         &["transaction", "batch"],
         fhir::bundle::MAX_BUNDLE_BYTES,
         fhir::bundle::process,
-    )
+    );
+    fhir::export::register(api)
 }
 
 pub fn pool_options(settings: &Settings) -> PoolOptions {
@@ -180,8 +185,11 @@ impl Application {
             phi_keys,
             vault,
             saved_searches: SavedSearches::default(),
+            exports: fhir::export::Exports::new(&settings.export, &api),
             skip_audit: options.skip_audit,
         });
+        let exports = state.exports.clone();
+        fhir::export::start(state.clone());
 
         let mut server = HttpServer::new(move || {
             App::new()
@@ -220,6 +228,7 @@ impl Application {
             server,
             store,
             audit_writer,
+            exports,
         })
     }
 
@@ -248,6 +257,9 @@ impl Application {
     /// within `shutdown_timeout_secs`, then closes the database pool.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let result = self.server.await;
+        // Export runners stop after their current page and release their jobs, which the next
+        // instance to sweep resumes.
+        self.exports.shutdown(Duration::from_secs(5)).await;
         // The server's handles to the audit writer are gone with it: let it drain, then close.
         if tokio::time::timeout(Duration::from_secs(10), self.audit_writer)
             .await

@@ -17,7 +17,8 @@ pub use field::{field_aad, FieldCipher, ENVELOPE_VERSION};
 pub use key::{KeyId, MasterKey, MAX_KEY_ID_LEN};
 pub use keyring::{key_file_permission_warning, Keyring, LooseKeyFile};
 pub use vault::{
-    PhiKeys, PhiVault, VersionRef, BLIND_INDEX_CHECK_SETTING, BLIND_INDEX_KEY_SETTING,
+    ExportChunkRef, PhiKeys, PhiVault, VersionRef, BLIND_INDEX_CHECK_SETTING,
+    BLIND_INDEX_KEY_SETTING,
 };
 
 /// What went wrong, in words an operator can act on. Key ids (not secret) may appear; keys,

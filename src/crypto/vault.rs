@@ -33,6 +33,28 @@ impl VersionRef<'_> {
     }
 }
 
+/// Where a sealed chunk of a bulk export file lives; bound into its ciphertext as associated
+/// data, so a chunk moved to another practice, job, file or position no longer opens.
+#[derive(Debug, Clone, Copy)]
+pub struct ExportChunkRef<'a> {
+    pub practice_id: &'a str,
+    pub job_id: &'a str,
+    pub file_no: i64,
+    pub chunk_no: i64,
+}
+
+impl ExportChunkRef<'_> {
+    fn aad(&self) -> String {
+        field_aad(
+            "export_chunks.content",
+            &format!(
+                "{}/{}/{}/{}",
+                self.practice_id, self.job_id, self.file_no, self.chunk_no
+            ),
+        )
+    }
+}
+
 #[derive(Clone)]
 pub struct PhiVault {
     cipher: FieldCipher,
@@ -117,6 +139,21 @@ impl PhiVault {
         self.cipher.decrypt(sealed, at.aad().as_bytes())
     }
 
+    /// Seals a chunk of a bulk export file under the active key: (key id, envelope).
+    pub fn seal_chunk(&self, at: ExportChunkRef<'_>, ndjson: &[u8]) -> (String, Vec<u8>) {
+        let sealed = self.cipher.encrypt(ndjson, at.aad().as_bytes());
+        (self.cipher.active_key_id().as_str().to_owned(), sealed)
+    }
+
+    /// Opens a sealed export chunk (under whichever keyring key sealed it). Zeroed when dropped.
+    pub fn open_chunk(
+        &self,
+        at: ExportChunkRef<'_>,
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        self.cipher.decrypt(sealed, at.aad().as_bytes())
+    }
+
     /// Whether a sealed content should be re-sealed under the active key.
     pub fn needs_reseal(&self, sealed: &[u8]) -> Result<bool, CryptoError> {
         self.cipher.needs_reencryption(sealed)
@@ -184,6 +221,29 @@ mod tests {
         );
         assert!(rotated.needs_reseal(&sealed).unwrap());
         assert_eq!(rotated.active_key_id().as_str(), "k2");
+    }
+
+    #[test]
+    fn an_export_chunk_opens_only_at_its_own_job_file_and_position() {
+        let v = vault(K1, "k1");
+        let at = |job: &'static str, file_no, chunk_no| ExportChunkRef {
+            practice_id: "p1",
+            job_id: job,
+            file_no,
+            chunk_no,
+        };
+        let (key, sealed) = v.seal_chunk(at("j1", 2, 0), b"{\"resourceType\":\"Patient\"}\n");
+        assert_eq!(key, "k1");
+        assert!(!sealed.windows(7).any(|w| w == b"Patient"));
+        assert_eq!(
+            &**v.open_chunk(at("j1", 2, 0), &sealed).unwrap(),
+            b"{\"resourceType\":\"Patient\"}\n"
+        );
+        for elsewhere in [at("j2", 2, 0), at("j1", 3, 0), at("j1", 2, 1)] {
+            assert!(v.open_chunk(elsewhere, &sealed).is_err());
+        }
+        // Not interchangeable with a resource version's envelope either.
+        assert!(v.open(super::tests::at(1), &sealed).is_err());
     }
 
     #[test]

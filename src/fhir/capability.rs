@@ -12,11 +12,12 @@ use fhir_sdk::r4b::codes::{
 use fhir_sdk::r4b::resources::{
     CapabilityStatement, CapabilityStatementImplementation, CapabilityStatementRest,
     CapabilityStatementRestInteraction, CapabilityStatementRestResource,
-    CapabilityStatementRestResourceInteraction, CapabilityStatementRestResourceSearchParam,
-    CapabilityStatementSoftware,
+    CapabilityStatementRestResourceInteraction, CapabilityStatementRestResourceOperation,
+    CapabilityStatementRestResourceSearchParam, CapabilityStatementSoftware,
 };
 use fhir_sdk::{DateTime, Instant};
 
+use super::registry::OperationDef;
 use super::{FhirApi, FHIR_BASE};
 use crate::http::{fhir_json, ApiError};
 
@@ -34,11 +35,38 @@ pub enum CapabilityError {
     UnknownSearchType(String),
     #[error("capability statement: {0}")]
     Build(String),
+    #[error("operation `{0}` is declared on `{1}`, which is not registered")]
+    OperationWithoutResource(&'static str, &'static str),
+}
+
+/// `rest.operation` / `rest.resource.operation` entries of `ops`.
+fn operations<'a>(
+    ops: impl Iterator<Item = &'a OperationDef>,
+) -> Result<Vec<Option<CapabilityStatementRestResourceOperation>>, CapabilityError> {
+    ops.map(|op| {
+        let mut b = CapabilityStatementRestResourceOperation::builder()
+            .name(op.name.to_owned())
+            .definition(op.definition.to_owned());
+        if let Some(d) = op.documentation {
+            b = b.documentation(d.to_owned());
+        }
+        b.build()
+            .map(Some)
+            .map_err(|e| CapabilityError::Build(e.to_string()))
+    })
+    .collect()
 }
 
 impl Capability {
     pub fn build(api: &FhirApi, base_url: &str) -> Result<Self, CapabilityError> {
         let build_err = |e: fhir_sdk::BuilderError| CapabilityError::Build(e.to_string());
+        for op in &api.operations {
+            if let Some(ty) = op.resource_type {
+                if !api.resources.iter().any(|r| r.resource_type == ty) {
+                    return Err(CapabilityError::OperationWithoutResource(op.name, ty));
+                }
+            }
+        }
         let mut resources = Vec::with_capacity(api.resources.len());
         for def in &api.resources {
             // fhir-sdk maps unknown codes to `_Custom` rather than failing: refuse those.
@@ -78,10 +106,16 @@ impl Capability {
                 }
                 search_param.push(Some(b.build().map_err(build_err)?));
             }
+            let operation = operations(
+                api.operations
+                    .iter()
+                    .filter(|op| op.resource_type == Some(def.resource_type)),
+            )?;
             let mut b = CapabilityStatementRestResource::builder()
                 .r#type(ty)
                 .interaction(interaction)
-                .search_param(search_param);
+                .search_param(search_param)
+                .operation(operation);
             if let Some(profile) = def.profile {
                 b = b.profile(profile.to_owned());
             }
@@ -122,6 +156,11 @@ impl Capability {
             .documentation("FHIR R4 API of the fhirgate gateway".to_owned())
             .resource(resources)
             .interaction(system_interactions)
+            .operation(operations(
+                api.operations
+                    .iter()
+                    .filter(|op| op.resource_type.is_none()),
+            )?)
             .build()
             .map_err(build_err)?;
         let version = env!("CARGO_PKG_VERSION");
@@ -175,7 +214,7 @@ pub async fn metadata(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fhir::{Interaction, ResourceDef, SearchParamDef};
+    use crate::fhir::{Interaction, OperationDef, ResourceDef, SearchParamDef};
 
     async fn stub() -> HttpResponse {
         HttpResponse::Ok().finish()
@@ -216,6 +255,47 @@ mod tests {
         assert_eq!(codes, ["read", "search-type"]);
         assert_eq!(resource["searchParam"][0]["name"], "identifier");
         assert_eq!(resource["searchParam"][0]["type"], "token");
+    }
+
+    #[test]
+    fn operations_are_declared_at_the_system_level_and_on_their_types() {
+        let api = FhirApi::new()
+            .resource(ResourceDef::new("Patient").interaction(Interaction::Read, stub))
+            .resource(ResourceDef::new("Group").interaction(Interaction::Read, stub))
+            .operation(OperationDef::system("export", "http://example.org/export"))
+            .operation(OperationDef::on_type(
+                "Patient",
+                "export",
+                "http://example.org/patient-export",
+            ))
+            .operation(OperationDef::on_instance(
+                "Group",
+                "export",
+                "http://example.org/group-export",
+            ));
+        let cap = Capability::build(&api, "http://x").unwrap();
+        let json = serde_json::to_value(&cap.statement).unwrap();
+        let rest = &json["rest"][0];
+        assert_eq!(rest["operation"][0]["name"], "export");
+        assert_eq!(
+            rest["operation"][0]["definition"],
+            "http://example.org/export"
+        );
+        assert_eq!(rest["operation"].as_array().unwrap().len(), 1);
+        assert_eq!(
+            rest["resource"][0]["operation"][0]["definition"],
+            "http://example.org/patient-export"
+        );
+        assert_eq!(
+            rest["resource"][1]["operation"][0]["definition"],
+            "http://example.org/group-export"
+        );
+
+        let orphan = FhirApi::new().operation(OperationDef::on_type("Patient", "x", "http://x"));
+        assert!(matches!(
+            Capability::build(&orphan, "http://x"),
+            Err(CapabilityError::OperationWithoutResource("x", "Patient"))
+        ));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 pub mod audit_event;
 pub mod bundle;
 pub mod capability;
+pub mod export;
 pub mod negotiate;
 pub mod registry;
 pub mod resources;
@@ -22,7 +23,7 @@ use crate::gate::smart;
 
 use crate::http::ApiError;
 
-pub use registry::{FhirApi, Interaction, ResourceDef, SearchParamDef};
+pub use registry::{FhirApi, Interaction, OperationDef, ResourceDef, SearchParamDef};
 
 /// The largest resource body accepted by a create or update (a Bundle may be larger:
 /// [`bundle::MAX_BUNDLE_BYTES`]). Larger bodies get 413 with an OperationOutcome.

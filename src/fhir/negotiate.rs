@@ -1,6 +1,7 @@
 //! Content negotiation for the FHIR API (FHIR R4 http.html#mime-type): `_format` wins over
 //! `Accept`; only JSON is served, so a client that accepts nothing JSON gets 406 with an
-//! OperationOutcome (in JSON, the only format we have). `_pretty=true` pretty-prints.
+//! OperationOutcome (in JSON, the only format we have). `_pretty=true` pretty-prints. Bulk export
+//! files are NDJSON, so their route also accepts an `Accept` of NDJSON.
 
 use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
@@ -28,6 +29,15 @@ fn accepts_json(mime: &Mime) -> bool {
         ("application", "fhir") => mime.suffix().map(|s| s.as_str()) == Some("json"),
         _ => false,
     }
+}
+
+/// Whether an `Accept` item names the NDJSON of bulk export files.
+fn accepts_ndjson(mime: &Mime) -> bool {
+    let (ty, sub) = (mime.type_(), mime.subtype());
+    matches!(
+        (ty.as_str(), sub.as_str(), mime.suffix().map(|s| s.as_str())),
+        ("application", "ndjson", None) | ("application", "fhir", Some("ndjson"))
+    )
 }
 
 pub(crate) enum Decision {
@@ -125,7 +135,17 @@ pub async fn negotiate(
     } else {
         None
     };
-    match decide(req.query_string(), accept.as_ref()) {
+    let ndjson_file = crate::fhir::export::is_file_path(req.path())
+        && accept.as_ref().is_some_and(|a| {
+            a.0.iter()
+                .any(|item| item.quality > Quality::ZERO && accepts_ndjson(&item.item))
+        });
+    let decision = if ndjson_file {
+        Decision::Json { pretty: false }
+    } else {
+        decide(req.query_string(), accept.as_ref())
+    };
+    match decision {
         Decision::Json { pretty } => {
             if pretty {
                 req.extensions_mut().insert(Pretty);
@@ -197,6 +217,18 @@ mod tests {
             Some(&accept(&["application/fhir+json"]))
         )));
         assert!(is_json(decide("_format=application%2Ffhir%2Bjson", None)));
+    }
+
+    #[test]
+    fn ndjson_is_the_media_type_of_export_files_only() {
+        let ndjson = |v: &str| accepts_ndjson(&v.parse::<Mime>().unwrap());
+        assert!(ndjson("application/fhir+ndjson"));
+        assert!(ndjson("application/ndjson"));
+        assert!(!ndjson("application/fhir+json"));
+        assert!(!is_json(decide(
+            "",
+            Some(&accept(&["application/fhir+ndjson"]))
+        )));
     }
 
     #[test]

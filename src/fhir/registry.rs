@@ -10,6 +10,7 @@ use actix_web::{web, FromRequest, Handler, HttpResponse, Responder, Route};
 
 use actix_web::middleware::from_fn;
 
+use super::resources::Kind;
 use crate::gate::middleware::require_scope;
 use crate::gate::Permission;
 use crate::http::ApiError;
@@ -96,6 +97,9 @@ pub struct ResourceDef {
     /// `_include` values the search supports (`Claim:patient`).
     pub(crate) search_includes: Vec<String>,
     pub(crate) versioned: bool,
+    /// The [`Kind`] under which the resource store keeps resources of this type, when it does
+    /// (bulk export reads every such type).
+    pub(crate) kind: Option<&'static Kind>,
 }
 
 impl ResourceDef {
@@ -107,7 +111,14 @@ impl ResourceDef {
             search_params: Vec::new(),
             search_includes: Vec::new(),
             versioned: false,
+            kind: None,
         }
+    }
+
+    /// Declares that resources of the type live in the resource store under `kind`.
+    pub fn stored_as(mut self, kind: &'static Kind) -> Self {
+        self.kind = Some(kind);
+        self
     }
 
     /// Declares the resource versioned with the behaviour of `fhir::resources`: version-aware
@@ -152,6 +163,99 @@ impl ResourceDef {
     }
 }
 
+/// A FHIR operation (`$name`) at the system level (`/$name`), on a type (`/{type}/$name`) or
+/// on an instance (`/{type}/{id}/$name`). It is declared in the CapabilityStatement
+/// (`rest.operation` or the type's `rest.resource.operation`) and routed like an interaction.
+#[derive(Clone)]
+pub struct OperationDef {
+    pub(crate) name: &'static str,
+    pub(crate) definition: &'static str,
+    pub(crate) documentation: Option<&'static str>,
+    /// The type a type- or instance-level operation belongs to.
+    pub(crate) resource_type: Option<&'static str>,
+    /// The path under the FHIR base.
+    pub(crate) path: String,
+    /// Checked on `resource_type` before the handler runs. A system-level operation has no type
+    /// to check: its handler checks what it touches.
+    pub(crate) permission: Option<Permission>,
+    pub(crate) routes: Vec<(Method, RouteFactory)>,
+}
+
+impl OperationDef {
+    /// `/$name`.
+    pub fn system(name: &'static str, definition: &'static str) -> Self {
+        Self::at(None, format!("/${name}"), name, definition)
+    }
+
+    /// `/{type}/$name`.
+    pub fn on_type(
+        resource_type: &'static str,
+        name: &'static str,
+        definition: &'static str,
+    ) -> Self {
+        Self::at(
+            Some(resource_type),
+            format!("/{resource_type}/${name}"),
+            name,
+            definition,
+        )
+    }
+
+    /// `/{type}/{id}/$name`.
+    pub fn on_instance(
+        resource_type: &'static str,
+        name: &'static str,
+        definition: &'static str,
+    ) -> Self {
+        Self::at(
+            Some(resource_type),
+            format!("/{resource_type}/{{id}}/${name}"),
+            name,
+            definition,
+        )
+    }
+
+    fn at(
+        resource_type: Option<&'static str>,
+        path: String,
+        name: &'static str,
+        definition: &'static str,
+    ) -> Self {
+        Self {
+            name,
+            definition,
+            documentation: None,
+            resource_type,
+            path,
+            permission: None,
+            routes: Vec::new(),
+        }
+    }
+
+    pub fn documentation(mut self, text: &'static str) -> Self {
+        self.documentation = Some(text);
+        self
+    }
+
+    /// Refuses callers without `permission` on the operation's type (403) before the handler.
+    pub fn requires(mut self, permission: Permission) -> Self {
+        self.permission = Some(permission);
+        self
+    }
+
+    /// Serves the operation invoked with `method` with `handler`.
+    pub fn handler<F, Args>(mut self, method: Method, handler: F) -> Self
+    where
+        F: Handler<Args> + Send + Sync,
+        Args: FromRequest + 'static,
+        F::Output: Responder + 'static,
+    {
+        self.routes
+            .push((method, Arc::new(move || web::route().to(handler.clone()))));
+        self
+    }
+}
+
 /// Everything served under the FHIR base.
 #[derive(Clone, Default)]
 pub struct FhirApi {
@@ -159,6 +263,11 @@ pub struct FhirApi {
     /// System-level interactions (`transaction`, `batch`) and the handler of `POST [base]`
     /// that serves them; each entry is checked against the scopes by the handler.
     pub(crate) system: Option<(Vec<&'static str>, usize, RouteFactory)>,
+    pub(crate) operations: Vec<OperationDef>,
+    /// Routes serving what an operation started (an asynchronous job's status, its output
+    /// files): behind the same gate and audit as the rest, but not interactions of their own,
+    /// so not in the CapabilityStatement.
+    pub(crate) job_routes: Vec<(String, Method, RouteFactory)>,
 }
 
 impl FhirApi {
@@ -202,6 +311,37 @@ impl FhirApi {
         &self.resources
     }
 
+    /// Declares an operation (system, type or instance level).
+    pub fn operation(mut self, op: OperationDef) -> Self {
+        self.operations.push(op);
+        self
+    }
+
+    pub fn operations(&self) -> &[OperationDef] {
+        &self.operations
+    }
+
+    /// Serves `path` (under the base) with `handler` for an operation's asynchronous job: any
+    /// authenticated caller reaches the handler, which decides what the caller may see.
+    pub fn job_route<F, Args>(mut self, path: &str, method: Method, handler: F) -> Self
+    where
+        F: Handler<Args> + Send + Sync,
+        Args: FromRequest + 'static,
+        F::Output: Responder + 'static,
+    {
+        self.job_routes.push((
+            path.to_owned(),
+            method,
+            Arc::new(move || web::route().to(handler.clone())),
+        ));
+        self
+    }
+
+    /// The kinds of every type the resource store keeps, in declaration order.
+    pub fn stored_kinds(&self) -> impl Iterator<Item = &'static Kind> + '_ {
+        self.resources.iter().filter_map(|def| def.kind)
+    }
+
     /// Registers `metadata` and every declared interaction, each behind the scope check of its
     /// permission; each path answers other methods with 405 and an `Allow` header.
     pub fn configure(&self, cfg: &mut web::ServiceConfig) {
@@ -232,6 +372,28 @@ impl FhirApi {
                         .push((method.clone(), route));
                 }
             }
+        }
+        for op in &self.operations {
+            for (method, factory) in &op.routes {
+                let route = match (op.resource_type, op.permission) {
+                    (Some(resource_type), Some(permission)) => {
+                        factory().wrap(from_fn(move |req, next| {
+                            require_scope(resource_type, permission, req, next)
+                        }))
+                    }
+                    _ => factory(),
+                };
+                by_path
+                    .entry(op.path.clone())
+                    .or_default()
+                    .push((method.clone(), route));
+            }
+        }
+        for (path, method, factory) in &self.job_routes {
+            by_path
+                .entry(path.clone())
+                .or_default()
+                .push((method.clone(), factory()));
         }
         for (path, routes) in by_path {
             let allow = routes
@@ -324,6 +486,42 @@ mod tests {
         assert_eq!(call("system/Patient.c", create()).await, 200);
         assert_eq!(call("system/Coverage.cruds", read()).await, 403);
         assert_eq!(call("system/*.read", read()).await, 200);
+    }
+
+    #[actix_web::test]
+    async fn operations_check_their_type_permission_and_job_routes_leave_it_to_the_handler() {
+        let api = api()
+            .operation(
+                OperationDef::on_type("Patient", "export", "http://x/patient-export")
+                    .requires(Permission::Read)
+                    .handler(Method::GET, ok),
+            )
+            .operation(OperationDef::system("export", "http://x/export").handler(Method::GET, ok))
+            .job_route("/$export-status/{id}", Method::GET, ok);
+        let app = test::init_service(App::new().configure(|cfg| api.configure(cfg)).wrap(from_fn(
+            move |req: actix_web::dev::ServiceRequest, next: actix_web::middleware::Next<_>| {
+                req.extensions_mut().insert(Caller {
+                    client_id: "c".into(),
+                    practice_id: ResourceId::parse("p", "p1").unwrap(),
+                    role: Role::ExternalSystem,
+                    scopes: ScopeSet::parse("system/Coverage.rs").unwrap(),
+                });
+                next.call(req)
+            },
+        )))
+        .await;
+        let status = |uri: &'static str| {
+            let app = &app;
+            async move {
+                test::call_service(app, test::TestRequest::get().uri(uri).to_request())
+                    .await
+                    .status()
+                    .as_u16()
+            }
+        };
+        assert_eq!(status("/Patient/$export").await, 403);
+        assert_eq!(status("/$export").await, 200);
+        assert_eq!(status("/$export-status/j1").await, 200);
     }
 
     #[actix_web::test]

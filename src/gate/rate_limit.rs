@@ -343,7 +343,17 @@ pub async fn limit_request<B: MessageBody + 'static>(
     let Some((client, practice)) = caller.filter(|_| state.rate_limits.enabled()) else {
         return Ok(next.call(req).await?.map_into_left_body());
     };
-    let action = classify(req.match_pattern().as_deref(), req.method()).0;
+    let pattern = req.match_pattern();
+    let mut action = classify(pattern.as_deref(), req.method()).0;
+    // An export's weight is charged once, at kick-off; polling it and fetching its files are
+    // charged as reads.
+    if action == Action::Export
+        && pattern
+            .as_deref()
+            .is_some_and(crate::fhir::export::is_job_route)
+    {
+        action = Action::Read;
+    }
     let decision = state.rate_limits.check(&client, practice.as_str(), action);
     apply(&state, decision, req, next).await
 }

@@ -34,6 +34,11 @@ pub(crate) const SQLITE: Embedded = Embedded(&[
         "fhir_resources",
         include_str!("../../migrations/sqlite/0005_fhir_resources.sql"),
     ),
+    (
+        6,
+        "bulk_export",
+        include_str!("../../migrations/sqlite/0006_bulk_export.sql"),
+    ),
 ]);
 
 pub(crate) const POSTGRES: Embedded = Embedded(&[
@@ -61,6 +66,11 @@ pub(crate) const POSTGRES: Embedded = Embedded(&[
         5,
         "fhir_resources",
         include_str!("../../migrations/postgres/0005_fhir_resources.sql"),
+    ),
+    (
+        6,
+        "bulk_export",
+        include_str!("../../migrations/postgres/0006_bulk_export.sql"),
     ),
 ]);
 

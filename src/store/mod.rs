@@ -2,6 +2,7 @@
 //! embedded default, PostgreSQL for production), chosen from the database URL's scheme.
 //! Errors never carry row values (they may be PHI): only what kind of failure happened.
 
+pub(crate) mod export;
 mod migrations;
 mod postgres;
 mod resources;
@@ -17,6 +18,10 @@ use crate::config::DatabaseUrl;
 use crate::domain::{NewPractice, Practice, ResourceId};
 use crate::gate::{ApiClient, ClientKeys, ClientStatus, NewApiClient};
 
+pub use export::{
+    ExportCursor, ExportEnd, ExportFile, ExportJob, ExportLevel, ExportQuery, ExportScope,
+    ExportStatus, ExportStep, ExportStore, NewExportJob, SealedChunk,
+};
 pub use migrations::MigrationStatus;
 pub use postgres::PgStore;
 pub use resources::{
@@ -257,6 +262,9 @@ pub trait Store: Send + Sync + 'static {
         &self,
         resealed: &[(SealedVersion, String, Vec<u8>)],
     ) -> Result<u64, StoreError>;
+
+    /// Bulk export jobs and their sealed output.
+    fn exports(&self) -> &dyn ExportStore;
 
     /// Closes the pool, waiting for connections in use to be returned.
     async fn close(&self);

@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
+use super::export::shared_export_sql;
 use super::migrations::{MigrationStatus, POSTGRES};
 use super::resources::shared_resource_sql;
 use super::{
@@ -75,6 +76,7 @@ impl PgStore {
 }
 
 shared_resource_sql!(PgStore, Postgres, sqlx::postgres::PgRow, " FOR UPDATE");
+shared_export_sql!(PgStore, Postgres, sqlx::postgres::PgRow);
 
 fn practice_from(row: &PgRow) -> Result<Practice, sqlx::Error> {
     Ok(Practice {
@@ -598,6 +600,10 @@ impl Store for PgStore {
         resealed: &[(SealedVersion, String, Vec<u8>)],
     ) -> Result<u64, StoreError> {
         self.shared_reseal(resealed).await
+    }
+
+    fn exports(&self) -> &dyn super::ExportStore {
+        self
     }
 
     async fn close(&self) {

@@ -10,6 +10,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, Sqlite, SqlitePool};
 
+use super::export::shared_export_sql;
 use super::migrations::{MigrationStatus, SQLITE};
 use super::resources::shared_resource_sql;
 use super::{
@@ -77,6 +78,7 @@ impl SqliteStore {
 }
 
 shared_resource_sql!(SqliteStore, Sqlite, sqlx::sqlite::SqliteRow, "");
+shared_export_sql!(SqliteStore, Sqlite, sqlx::sqlite::SqliteRow);
 
 fn practice_from(row: &SqliteRow) -> Result<Practice, sqlx::Error> {
     Ok(Practice {
@@ -578,6 +580,10 @@ impl Store for SqliteStore {
         resealed: &[(SealedVersion, String, Vec<u8>)],
     ) -> Result<u64, StoreError> {
         self.shared_reseal(resealed).await
+    }
+
+    fn exports(&self) -> &dyn super::ExportStore {
+        self
     }
 
     async fn close(&self) {

@@ -18,7 +18,7 @@ pub(crate) fn fhirgate() -> Command {
     cmd
 }
 
-fn run(cmd: &mut Command) -> Output {
+pub(crate) fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("fhirgate runs")
 }
 
@@ -112,7 +112,7 @@ async fn practices_add_refuses_an_unknown_time_zone_and_a_bad_npi() {
     assert!(stderr(&out).contains("npi"));
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -132,7 +132,7 @@ fn http_get(port: u16, path: &str) -> Option<String> {
     Some(out)
 }
 
-fn wait_until_up(port: u16, child: &mut Child) {
+pub(crate) fn wait_until_up(port: u16, child: &mut Child) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         if let Some(res) = http_get(port, "/healthz") {
@@ -148,7 +148,7 @@ fn wait_until_up(port: u16, child: &mut Child) {
     panic!("fhirgate serve did not come up");
 }
 
-fn sigterm(child: &Child) {
+pub(crate) fn sigterm(child: &Child) {
     let ok = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

@@ -110,6 +110,7 @@ pub struct TestApp {
     pub store: Arc<dyn Store>,
     pub database_url: DatabaseUrl,
     handle: actix_web::dev::ServerHandle,
+    server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     // Dropped last: the database outlives the server (None: another TestApp owns it).
     _db: Option<TestDb>,
 }
@@ -117,6 +118,16 @@ pub struct TestApp {
 impl TestApp {
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.address, path)
+    }
+
+    /// Stops the gateway as SIGTERM does and waits until it has shut down (background work
+    /// included). Returns its database, which lives as long as the caller keeps it.
+    pub async fn stop(mut self) -> Option<TestDb> {
+        self.handle.stop(true).await;
+        if let Some(server) = self.server.take() {
+            let _ = server.await;
+        }
+        self._db.take()
     }
 
     pub async fn get(&self, path: &str) -> reqwest::Response {
@@ -183,13 +194,14 @@ pub async fn spawn_app_on(
     let address = format!("http://127.0.0.1:{}", app.port());
     let store = app.store();
     let handle = app.handle();
-    tokio::spawn(app.run_until_stopped());
+    let server = tokio::spawn(app.run_until_stopped());
     Ok(TestApp {
         address,
         client: reqwest::Client::new(),
         store,
         database_url: database_url.clone(),
         handle,
+        server: Some(server),
         _db: None,
     })
 }

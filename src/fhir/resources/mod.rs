@@ -8,8 +8,10 @@
 //! reaches the store; search parameters that are PHI are indexed only as keyed blind indexes.
 //! Writes commit with their audit event in one transaction.
 
+pub mod bulk;
 pub mod care;
 pub mod fields;
+pub mod group;
 pub mod patient;
 pub mod practice;
 pub mod search;
@@ -51,6 +53,7 @@ pub static KINDS: &[&Kind] = &[
     &care::ENCOUNTER,
     &care::CLAIM,
     &care::CLAIM_RESPONSE,
+    &group::GROUP,
 ];
 
 /// The kind of a resource type, if the gateway serves it.
@@ -64,6 +67,7 @@ pub fn kind_of(resource_type: &str) -> Option<&'static Kind> {
 /// Registers every interaction of `kind`.
 pub fn resource_def(kind: &'static Kind) -> ResourceDef {
     let mut def = ResourceDef::new(kind.resource_type)
+        .stored_as(kind)
         .versioned()
         .interaction(
             Interaction::Read,
