@@ -22,7 +22,9 @@
 //!   enum that takes any code (`Task.intent`).
 //!
 //! Any resource type fhir-sdk models can be checked, contained resources and Bundle entries
-//! included; another type (an R4 type that R4B dropped) gets `not-supported`.
+//! included; another type (an R4 type that R4B dropped) gets `not-supported`. A body nested
+//! deeper than 48 levels is refused before the typed check (`too-costly`), so a crafted body
+//! cannot overflow a worker's stack; at most 100 issues are listed.
 //!
 //! Not checked: terminology beyond required bindings (extensible and preferred bindings, code
 //! systems of Codings), invariants and other FHIRPath constraints (`ele-1`, `dom-3`, ...),
@@ -31,7 +33,11 @@
 //! whether a `_x` belongs to a primitive when `x` itself is absent, and R4 elements of types the
 //! gateway does not serve that R4B changed (R4B redesigned `Evidence`, for one).
 //!
-//! Cost: see `tests::validating_the_patient_example_is_cheap`.
+//! Cost, measured with `tests::validating_the_patient_example_is_cheap` (release build, one
+//! core): 35 µs to validate the official `Patient-example.json` (2.5 KB), where fhir-sdk's typed
+//! read alone through serde_json's own `&Value` deserializer takes 10 µs and read plus write-back
+//! 18 µs; 22 µs for `Claim-100150.json`. The write-back and the comparison are the price of
+//! finding unknown elements, which fhir-sdk does not refuse.
 
 mod de;
 mod diff;

@@ -788,26 +788,48 @@ fn fhir_temporal_forms() {
 }
 
 /// How long validating the canonical Patient example takes (`cargo test --release --lib
-/// fhir::validate -- --ignored --nocapture validating_the_patient_example_is_cheap`).
+/// fhir::validate::tests::validating_the_patient_example_is_cheap -- --ignored --nocapture`),
+/// beside what fhir-sdk's typed read alone costs through serde_json's own `&Value` deserializer,
+/// and that read plus writing the model back (the floor of a round trip).
 #[test]
 #[ignore = "a measurement: run it in release"]
 fn validating_the_patient_example_is_cheap() {
-    let patient = example("Patient-example.json");
-    let claim = example("Claim-960150.json");
-    for (name, value) in [("Patient-example", &patient), ("Claim-960150", &claim)] {
-        let rt = resource_type(value);
-        for _ in 0..200 {
-            validate(rt, value).expect("valid");
+    use fhir_sdk::r4b::resources::{Claim, Patient};
+    use serde::Deserialize;
+
+    fn time(what: &str, mut f: impl FnMut()) {
+        for _ in 0..500 {
+            f();
         }
-        let n: u32 = 5_000;
+        let n: u32 = 10_000;
         let start = std::time::Instant::now();
         for _ in 0..n {
-            validate(rt, value).expect("valid");
+            f();
         }
-        let each = start.elapsed() / n;
-        println!(
-            "{name} ({} bytes): {each:?} per validation",
-            value.to_string().len()
-        );
+        println!("  {what}: {:?}", start.elapsed() / n);
     }
+    let patient = example("Patient-example.json");
+    println!(
+        "Patient-example.json ({} bytes of JSON)",
+        patient.to_string().len()
+    );
+    time("typed read (serde_json's &Value)", || {
+        Patient::deserialize(&patient).expect("read");
+    });
+    time("typed read + write back", || {
+        let typed = Patient::deserialize(&patient).expect("read");
+        serde_json::to_value(&typed).expect("written");
+    });
+    time("validate()", || {
+        validate("Patient", &patient).expect("valid")
+    });
+    let claim = example("Claim-100150.json");
+    println!(
+        "Claim-100150.json ({} bytes of JSON)",
+        claim.to_string().len()
+    );
+    time("typed read (serde_json's &Value)", || {
+        Claim::deserialize(&claim).expect("read");
+    });
+    time("validate()", || validate("Claim", &claim).expect("valid"));
 }
