@@ -28,7 +28,7 @@ pub use resources::{
     Bound, CmpOp, Cond, Expect, IndexMatch, IndexRow, ResourceQuery, ResourceWrite, SealedVersion,
     SortKey, StoredVersion,
 };
-pub(crate) use resources::{INDEX_INSERT_CHUNK, VERSION_COLUMNS};
+pub(crate) use resources::{INDEX_INSERT_CHUNK, ROW_INSERT_CHUNK, VERSION_COLUMNS};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -173,6 +173,8 @@ pub struct SealedVersion {
 
 /// Index rows per multi-row INSERT (8 parameters each, far below both backends' limits).
 pub(crate) const INDEX_INSERT_CHUNK: usize = 1000;
+/// Resource and version rows per multi-row INSERT (at most 8 parameters each).
+pub(crate) const ROW_INSERT_CHUNK: usize = 500;
 
 pub(crate) const VERSION_COLUMNS: &str =
     "v.resource_type, v.id, v.version_id, v.last_updated_us, v.deleted, v.content";
@@ -363,93 +365,131 @@ macro_rules! shared_resource_sql {
                 writes: &[$crate::store::ResourceWrite],
                 audit: &[$crate::audit::NewAuditEvent],
             ) -> Result<(), $crate::store::StoreError> {
-                use $crate::store::{Expect, StoreError, INDEX_INSERT_CHUNK};
+                use $crate::store::{Expect, StoreError, INDEX_INSERT_CHUNK, ROW_INSERT_CHUNK};
                 let _turn = self.write_turn().await;
                 let mut tx = self.begin_for(practice).await?;
-                for (index, w) in writes.iter().enumerate() {
-                    let deleted = w.sealed.is_none();
-                    let moved = match w.expect {
-                        Expect::Absent => {
-                            let inserted = sqlx::query(
-                                "INSERT INTO resources (practice_id, resource_type, id, version_id, last_updated_us, deleted)
-                                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-                            )
-                            .bind(practice.as_str())
-                            .bind(&w.resource_type)
-                            .bind(&w.id)
-                            .bind(w.version_id)
-                            .bind(w.last_updated_us)
-                            .bind(deleted)
-                            .execute(&mut *tx)
-                            .await?;
-                            inserted.rows_affected() == 1
-                        }
-                        Expect::Version(current) => {
-                            let updated = sqlx::query(
-                                "UPDATE resources SET version_id = $1, last_updated_us = $2, deleted = $3
-                                 WHERE practice_id = $4 AND resource_type = $5 AND id = $6 AND version_id = $7",
-                            )
-                            .bind(w.version_id)
-                            .bind(w.last_updated_us)
-                            .bind(deleted)
-                            .bind(practice.as_str())
-                            .bind(&w.resource_type)
-                            .bind(&w.id)
-                            .bind(current)
-                            .execute(&mut *tx)
-                            .await?;
-                            updated.rows_affected() == 1
-                        }
-                    };
-                    if !moved {
+                // Creates first, many rows a statement: a check that none exists yet (to name
+                // the conflicting write), then one INSERT per chunk.
+                let creates: Vec<usize> = (0..writes.len())
+                    .filter(|i| writes[*i].expect == Expect::Absent)
+                    .collect();
+                for chunk in creates.chunks(ROW_INSERT_CHUNK) {
+                    let mut check = sqlx::QueryBuilder::<$db>::new(
+                        "SELECT resource_type, id FROM resources WHERE practice_id = ",
+                    );
+                    check.push_bind(practice.as_str());
+                    check.push(" AND (resource_type, id) IN (");
+                    let mut sep = check.separated(", ");
+                    for i in chunk {
+                        sep.push("(");
+                        sep.push_bind_unseparated(&writes[*i].resource_type);
+                        sep.push_unseparated(", ");
+                        sep.push_bind_unseparated(&writes[*i].id);
+                        sep.push_unseparated(")");
+                    }
+                    check.push(")");
+                    let existing = check.build().fetch_all(&mut *tx).await?;
+                    if let Some(row) = existing.first() {
+                        use sqlx::Row;
+                        let (ty, id): (String, String) = (row.try_get(0)?, row.try_get(1)?);
+                        let index = chunk
+                            .iter()
+                            .copied()
+                            .find(|i| writes[*i].resource_type == ty && writes[*i].id == id)
+                            .unwrap_or(chunk[0]);
                         return Err(StoreError::VersionConflict { index });
                     }
-                    let (key_id, content) = match &w.sealed {
-                        Some((key_id, content)) => (Some(key_id.as_str()), Some(content.as_slice())),
-                        None => (None, None),
+                    let mut insert = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO resources (practice_id, resource_type, id, version_id, last_updated_us, deleted) ",
+                    );
+                    insert.push_values(chunk, |mut row, i| {
+                        let w = &writes[*i];
+                        row.push_bind(practice.as_str())
+                            .push_bind(&w.resource_type)
+                            .push_bind(&w.id)
+                            .push_bind(w.version_id)
+                            .push_bind(w.last_updated_us)
+                            .push_bind(w.sealed.is_none());
+                    });
+                    insert.push(" ON CONFLICT DO NOTHING");
+                    let inserted = insert.build().execute(&mut *tx).await?;
+                    if inserted.rows_affected() != chunk.len() as u64 {
+                        // Two writes of this call create one resource, or a concurrent
+                        // transaction created one since the check.
+                        return Err(StoreError::VersionConflict { index: chunk[0] });
+                    }
+                }
+                // Updates and deletions one by one: each is a compare-and-set on its version.
+                for (index, w) in writes.iter().enumerate() {
+                    let Expect::Version(current) = w.expect else {
+                        continue;
                     };
+                    let updated = sqlx::query(
+                        "UPDATE resources SET version_id = $1, last_updated_us = $2, deleted = $3
+                         WHERE practice_id = $4 AND resource_type = $5 AND id = $6 AND version_id = $7",
+                    )
+                    .bind(w.version_id)
+                    .bind(w.last_updated_us)
+                    .bind(w.sealed.is_none())
+                    .bind(practice.as_str())
+                    .bind(&w.resource_type)
+                    .bind(&w.id)
+                    .bind(current)
+                    .execute(&mut *tx)
+                    .await?;
+                    if updated.rows_affected() != 1 {
+                        return Err(StoreError::VersionConflict { index });
+                    }
                     sqlx::query(
-                        "INSERT INTO resource_versions (practice_id, resource_type, id, version_id, last_updated_us, deleted, key_id, content)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                        "DELETE FROM search_index WHERE practice_id = $1 AND resource_type = $2 AND resource_id = $3",
                     )
                     .bind(practice.as_str())
                     .bind(&w.resource_type)
                     .bind(&w.id)
-                    .bind(w.version_id)
-                    .bind(w.last_updated_us)
-                    .bind(deleted)
-                    .bind(key_id)
-                    .bind(content)
                     .execute(&mut *tx)
                     .await?;
-                    if w.expect != Expect::Absent {
-                        sqlx::query(
-                            "DELETE FROM search_index WHERE practice_id = $1 AND resource_type = $2 AND resource_id = $3",
-                        )
-                        .bind(practice.as_str())
-                        .bind(&w.resource_type)
-                        .bind(&w.id)
-                        .execute(&mut *tx)
-                        .await?;
-                    }
-                    if !deleted {
-                        for chunk in w.index.chunks(INDEX_INSERT_CHUNK) {
-                            let mut insert = sqlx::QueryBuilder::<$db>::new(
-                                "INSERT INTO search_index (practice_id, resource_type, resource_id, param, value, hash, low, high) ",
-                            );
-                            insert.push_values(chunk, |mut row, ix| {
-                                row.push_bind(practice.as_str())
-                                    .push_bind(&w.resource_type)
-                                    .push_bind(&w.id)
-                                    .push_bind(ix.param)
-                                    .push_bind(&ix.value)
-                                    .push_bind(&ix.hash)
-                                    .push_bind(ix.low)
-                                    .push_bind(ix.high);
-                            });
-                            insert.build().execute(&mut *tx).await?;
-                        }
-                    }
+                }
+                // Every version, then every index row, many rows a statement.
+                for chunk in writes.chunks(ROW_INSERT_CHUNK) {
+                    let mut insert = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO resource_versions (practice_id, resource_type, id, version_id, last_updated_us, deleted, key_id, content) ",
+                    );
+                    insert.push_values(chunk, |mut row, w| {
+                        let (key_id, content) = match &w.sealed {
+                            Some((key_id, content)) => (Some(key_id.as_str()), Some(content.as_slice())),
+                            None => (None, None),
+                        };
+                        row.push_bind(practice.as_str())
+                            .push_bind(&w.resource_type)
+                            .push_bind(&w.id)
+                            .push_bind(w.version_id)
+                            .push_bind(w.last_updated_us)
+                            .push_bind(w.sealed.is_none())
+                            .push_bind(key_id)
+                            .push_bind(content);
+                    });
+                    insert.build().execute(&mut *tx).await?;
+                }
+                let index_rows: Vec<(&$crate::store::ResourceWrite, &$crate::store::IndexRow)> = writes
+                    .iter()
+                    .filter(|w| w.sealed.is_some())
+                    .flat_map(|w| w.index.iter().map(move |ix| (w, ix)))
+                    .collect();
+                for chunk in index_rows.chunks(INDEX_INSERT_CHUNK) {
+                    let mut insert = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO search_index (practice_id, resource_type, resource_id, param, value, hash, low, high) ",
+                    );
+                    insert.push_values(chunk, |mut row, (w, ix)| {
+                        row.push_bind(practice.as_str())
+                            .push_bind(&w.resource_type)
+                            .push_bind(&w.id)
+                            .push_bind(ix.param)
+                            .push_bind(&ix.value)
+                            .push_bind(&ix.hash)
+                            .push_bind(ix.low)
+                            .push_bind(ix.high);
+                    });
+                    insert.build().execute(&mut *tx).await?;
                 }
                 Self::append_audit_in(&mut tx, audit, $crate::store::now()).await?;
                 tx.commit().await?;

@@ -178,3 +178,114 @@ async fn every_tenant_table_has_row_level_security_on_postgres() {
     );
     pg.close().await;
 }
+
+fn write(
+    id: &str,
+    expect: fhirgate::store::Expect,
+    version_id: i64,
+) -> fhirgate::store::ResourceWrite {
+    fhirgate::store::ResourceWrite {
+        resource_type: "Patient".into(),
+        id: id.into(),
+        expect,
+        version_id,
+        last_updated_us: 1_700_000_000_000_000 + version_id,
+        sealed: Some(("k1".into(), vec![1, 2, 3])),
+        index: vec![fhirgate::store::IndexRow::value("gender", "female")],
+    }
+}
+
+#[tokio::test]
+async fn a_batch_of_writes_commits_whole_or_names_the_write_that_conflicts() {
+    use fhirgate::store::Expect::{Absent, Version};
+    let app = spawn_app().await;
+    let p = app
+        .store
+        .create_practice(&practice("Batch Practice"))
+        .await
+        .unwrap()
+        .id;
+    let store = &app.store;
+    store
+        .write_resources(&p, &[write("a", Absent, 1), write("b", Absent, 1)], &[])
+        .await
+        .unwrap();
+    // A create of an existing resource: the whole batch is refused, naming that write.
+    let err = store
+        .write_resources(&p, &[write("c", Absent, 1), write("a", Absent, 1)], &[])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::VersionConflict { index: 1 }),
+        "{err:?}"
+    );
+    assert!(store
+        .read_resource(&p, "Patient", "c", None)
+        .await
+        .unwrap()
+        .is_none());
+    // Two creates of one id in a batch.
+    let err = store
+        .write_resources(&p, &[write("d", Absent, 1), write("d", Absent, 1)], &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::VersionConflict { .. }), "{err:?}");
+    assert!(store
+        .read_resource(&p, "Patient", "d", None)
+        .await
+        .unwrap()
+        .is_none());
+    // An update against a stale version, after a good one: neither is written.
+    let err = store
+        .write_resources(
+            &p,
+            &[write("a", Version(1), 2), write("b", Version(5), 6)],
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::VersionConflict { index: 1 }),
+        "{err:?}"
+    );
+    let a = store
+        .read_resource(&p, "Patient", "a", None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.version_id, 1);
+    // Creates and updates together commit together, the index following each version.
+    store
+        .write_resources(&p, &[write("e", Absent, 1), write("a", Version(1), 2)], &[])
+        .await
+        .unwrap();
+    let a = store
+        .read_resource(&p, "Patient", "a", None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.version_id, 2);
+    let query = fhirgate::store::ResourceQuery {
+        practice: p.clone(),
+        resource_type: "Patient".into(),
+        conds: vec![fhirgate::store::Cond::Index {
+            param: "gender",
+            any: vec![fhirgate::store::IndexMatch {
+                value: Some("female".into()),
+                ..Default::default()
+            }],
+        }],
+        sort: fhirgate::store::SortKey::Id,
+        descending: false,
+        after: None,
+        limit: 10,
+    };
+    let ids: Vec<String> = store
+        .search_resources(&query)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.id)
+        .collect();
+    assert_eq!(ids, ["a", "b", "e"]);
+}
