@@ -769,20 +769,14 @@ async fn exported_ndjson_is_ciphertext_at_rest() {
         .is_empty());
     match backend() {
         Backend::Sqlite => {
-            let path = app
-                .database_url
-                .expose()
-                .trim_start_matches("sqlite://")
-                .to_owned();
-            let mut bytes = std::fs::read(&path).unwrap();
-            bytes.extend(std::fs::read(format!("{path}-wal")).unwrap_or_default());
+            let bytes = crate::helpers::sqlite_bytes(&app);
             assert!(
-                bytes.windows(job.len()).any(|w| w == job.as_bytes()),
+                crate::helpers::contains(&bytes, &job),
                 "the job is in the file"
             );
             for marker in MARKER {
                 assert!(
-                    !bytes.windows(marker.len()).any(|w| w == marker.as_bytes()),
+                    !crate::helpers::contains(&bytes, marker),
                     "{marker} is in the database file"
                 );
             }

@@ -267,3 +267,20 @@ pub async fn fhir_body(res: reqwest::Response) -> serde_json::Value {
     assert_eq!(ct, "application/fhir+json; charset=utf-8");
     res.json().await.expect("JSON body")
 }
+
+/// Everything SQLite wrote for a test app: the database file and its write-ahead log.
+pub fn sqlite_bytes(app: &TestApp) -> Vec<u8> {
+    let path = app
+        .database_url
+        .expose()
+        .trim_start_matches("sqlite://")
+        .to_owned();
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.extend(std::fs::read(format!("{path}-wal")).unwrap_or_default());
+    bytes
+}
+
+/// Whether `needle` occurs in `bytes`.
+pub fn contains(bytes: &[u8], needle: &str) -> bool {
+    bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
+}

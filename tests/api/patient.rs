@@ -727,21 +727,14 @@ async fn phi_is_ciphertext_at_rest() {
     );
     match backend() {
         fhirgate::store::Backend::Sqlite => {
-            // Everything SQLite wrote: the database file and its write-ahead log.
-            let path = app
-                .database_url
-                .expose()
-                .trim_start_matches("sqlite://")
-                .to_owned();
-            let mut bytes = std::fs::read(&path).unwrap();
-            bytes.extend(std::fs::read(format!("{path}-wal")).unwrap_or_default());
+            let bytes = crate::helpers::sqlite_bytes(&app);
             assert!(
-                bytes.windows(id.len()).any(|w| w == id.as_bytes()),
+                crate::helpers::contains(&bytes, &id),
                 "the id is stored in clear"
             );
             for phi in PHI.iter().chain(&["555-0199"]) {
                 assert!(
-                    !bytes.windows(phi.len()).any(|w| w == phi.as_bytes()),
+                    !crate::helpers::contains(&bytes, phi),
                     "{phi} is in the database file"
                 );
             }

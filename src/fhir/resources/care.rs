@@ -79,45 +79,39 @@ pub static ENCOUNTER: Kind = Kind {
     patient: |r, _| subject(r).into_iter().next(),
 };
 
+/// `patient`, `status` and `created`: what Claim and ClaimResponse share.
+const CLAIM_PATIENT: Param = Param {
+    name: "patient",
+    kind: ParamKind::Reference {
+        target: "Patient",
+        ids: patient,
+    },
+    doc: PATIENT_DOC,
+};
+const CLAIM_STATUS: Param = Param {
+    name: "status",
+    kind: ParamKind::Code { codes: status },
+    doc: "active | cancelled | draft | entered-in-error",
+};
+const CLAIM_CREATED: Param = Param {
+    name: "created",
+    kind: ParamKind::Date {
+        ranges: created,
+        year_index: "created:year",
+    },
+    doc: "prefixes eq (default), lt, gt, le, ge; a date, YYYY, YYYY-MM or an instant",
+};
+
 pub static CLAIM: Kind = Kind {
     resource_type: "Claim",
-    params: &[
-        Param {
-            name: "patient",
-            kind: ParamKind::Reference {
-                target: "Patient",
-                ids: patient,
-            },
-            doc: PATIENT_DOC,
-        },
-        Param {
-            name: "status",
-            kind: ParamKind::Code { codes: status },
-            doc: "active | cancelled | draft | entered-in-error",
-        },
-        Param {
-            name: "created",
-            kind: ParamKind::Date {
-                ranges: created,
-                year_index: "created:year",
-            },
-            doc: "prefixes eq (default), lt, gt, le, ge; a date, YYYY, YYYY-MM or an instant",
-        },
-    ],
+    params: &[CLAIM_PATIENT, CLAIM_STATUS, CLAIM_CREATED],
     patient: |r, _| patient(r).into_iter().next(),
 };
 
 pub static CLAIM_RESPONSE: Kind = Kind {
     resource_type: "ClaimResponse",
     params: &[
-        Param {
-            name: "patient",
-            kind: ParamKind::Reference {
-                target: "Patient",
-                ids: patient,
-            },
-            doc: PATIENT_DOC,
-        },
+        CLAIM_PATIENT,
         Param {
             name: "request",
             kind: ParamKind::Reference {
@@ -126,19 +120,8 @@ pub static CLAIM_RESPONSE: Kind = Kind {
             },
             doc: "the claim answered: Claim/{id} or {id}",
         },
-        Param {
-            name: "status",
-            kind: ParamKind::Code { codes: status },
-            doc: "active | cancelled | draft | entered-in-error",
-        },
-        Param {
-            name: "created",
-            kind: ParamKind::Date {
-                ranges: created,
-                year_index: "created:year",
-            },
-            doc: "prefixes eq (default), lt, gt, le, ge; a date, YYYY, YYYY-MM or an instant",
-        },
+        CLAIM_STATUS,
+        CLAIM_CREATED,
     ],
     patient: |r, _| patient(r).into_iter().next(),
 };
