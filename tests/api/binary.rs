@@ -112,6 +112,37 @@ async fn practices_add_refuses_an_unknown_time_zone_and_a_bad_npi() {
     assert!(stderr(&out).contains("npi"));
 }
 
+/// A practice and a `system/*.cruds` client of it signing with `key`, made with the CLI as an
+/// operator would; the client's id.
+pub(crate) fn practice_with_client(
+    url: &fhirgate::config::DatabaseUrl,
+    practice_name: &str,
+    key: &crate::auth::SigningKey,
+) -> String {
+    let out = run(fhirgate()
+        .args(["practices", "add", "--name", practice_name])
+        .env("FHIRGATE_DATABASE_URL", url.expose()));
+    let practice: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, crate::auth::SigningKey::jwks(&[key])).unwrap();
+    let out = run(fhirgate()
+        .args([
+            "clients",
+            "add",
+            "--practice",
+            practice["id"].as_str().unwrap(),
+            "--name",
+            "EHR",
+        ])
+        .arg("--jwks")
+        .arg(&jwks)
+        .args(["--scope", "system/*.cruds"])
+        .env("FHIRGATE_DATABASE_URL", url.expose()));
+    let client: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    client["client_id"].as_str().unwrap().to_owned()
+}
+
 pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -318,29 +349,8 @@ const PHI: &[&str] = &[
 #[tokio::test]
 async fn no_phi_reaches_the_logs_whatever_the_request_carries() {
     let (_db, url) = TestDb::create().await;
-    let out = run(fhirgate()
-        .args(["practices", "add", "--name", "Lakeside Therapy"])
-        .env("FHIRGATE_DATABASE_URL", url.expose()));
-    let practice: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let key = crate::auth::SigningKey::es384("k1");
-    let dir = tempfile::tempdir().unwrap();
-    let jwks = dir.path().join("jwks.json");
-    std::fs::write(&jwks, crate::auth::SigningKey::jwks(&[&key])).unwrap();
-    let out = run(fhirgate()
-        .args([
-            "clients",
-            "add",
-            "--practice",
-            practice["id"].as_str().unwrap(),
-            "--name",
-            "EHR",
-        ])
-        .arg("--jwks")
-        .arg(&jwks)
-        .args(["--scope", "system/*.cruds"])
-        .env("FHIRGATE_DATABASE_URL", url.expose()));
-    let client: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let client_id = client["client_id"].as_str().unwrap().to_owned();
+    let client_id = practice_with_client(&url, "Lakeside Therapy", &key);
 
     let port = free_port();
     let mut child = fhirgate()

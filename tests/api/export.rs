@@ -1098,32 +1098,11 @@ async fn no_phi_of_an_export_reaches_the_logs() {
     use std::io::Read;
     use std::process::Stdio;
 
-    use crate::binary::{fhirgate, free_port, run, sigterm, wait_until_up};
+    use crate::binary::{fhirgate, free_port, practice_with_client, sigterm, wait_until_up};
 
     let (_db, url) = crate::helpers::TestDb::create().await;
-    let out = run(fhirgate()
-        .args(["practices", "add", "--name", "Logging Practice"])
-        .env("FHIRGATE_DATABASE_URL", url.expose()));
-    let practice: Value = serde_json::from_slice(&out.stdout).unwrap();
     let key = SigningKey::es384("k1");
-    let dir = tempfile::tempdir().unwrap();
-    let jwks = dir.path().join("jwks.json");
-    std::fs::write(&jwks, SigningKey::jwks(&[&key])).unwrap();
-    let out = run(fhirgate()
-        .args([
-            "clients",
-            "add",
-            "--practice",
-            practice["id"].as_str().unwrap(),
-            "--name",
-            "EHR",
-        ])
-        .arg("--jwks")
-        .arg(&jwks)
-        .args(["--scope", "system/*.cruds"])
-        .env("FHIRGATE_DATABASE_URL", url.expose()));
-    let client: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let client_id = client["client_id"].as_str().unwrap().to_owned();
+    let client_id = practice_with_client(&url, "Logging Practice", &key);
 
     let port = free_port();
     let mut child = fhirgate()
