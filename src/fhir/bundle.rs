@@ -901,6 +901,10 @@ async fn execute(
                         ))
                     }
                 };
+                // Opened once: for the response and for the patient the audit event names.
+                let json = open_json(vault, practice, &v)
+                    .map_err(|err| Failure::from_api(err, e.index))?;
+                let resource = serde_json::from_slice::<Value>(&json).ok();
                 // A failed read is audited by the caller (the batch entry, or the whole request).
                 if !state.skip_audit {
                     let action = if e.vid.is_some() {
@@ -908,7 +912,7 @@ async fn execute(
                     } else {
                         Action::Read
                     };
-                    let patient = patient_of(kind, vault, practice, &v);
+                    let patient = resource.as_ref().and_then(|r| (kind.patient)(r, id));
                     let event = entry_event(
                         req,
                         status,
@@ -923,9 +927,6 @@ async fn execute(
                         .await
                         .map_err(|_| Failure::from_api(ApiError::Unavailable, e.index))?;
                 }
-                let json = open_json(vault, practice, &v)
-                    .map_err(|err| Failure::from_api(err, e.index))?;
-                let resource = serde_json::from_slice::<Value>(&json).ok();
                 let response = json!({
                     "status": status_line(StatusCode::OK),
                     "etag": etag(v.version_id),
@@ -941,20 +942,6 @@ async fn execute(
         }
     }
     Ok(out)
-}
-
-fn patient_of(
-    kind: &Kind,
-    vault: &crate::crypto::PhiVault,
-    practice: &ResourceId,
-    v: &StoredVersion,
-) -> Option<String> {
-    if let Some(p) = (kind.patient)(&Value::Null, &v.id) {
-        return Some(p);
-    }
-    let json = open_json(vault, practice, v).ok()?;
-    let value: Value = serde_json::from_slice(&json).ok()?;
-    (kind.patient)(&value, &v.id)
 }
 
 fn response_entry(
