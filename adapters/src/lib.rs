@@ -8,6 +8,7 @@
 //! conformance kit follow (issue 5).
 
 pub mod adapter;
+pub mod audit;
 pub mod error;
 pub mod registry;
 
@@ -15,5 +16,8 @@ pub use adapter::{
     BulkExport, ClaimStatusUpdate, EhrAdapter, ExportFile, ExportRequest, ExportStatus, Page,
     PageStream, PushReceipt,
 };
+pub use audit::{NoAudit, OutboundAction, OutboundAudit, OutboundCall};
 pub use error::AdapterError;
-pub use registry::{AdapterFactory, Connection, Registry, RegistryError};
+pub use registry::{
+    AdapterContext, AdapterFactory, Connection, Credential, Registry, RegistryError,
+};

@@ -7,21 +7,86 @@ use std::sync::Arc;
 
 use fhirgate_mappings::Profiles;
 
+use crate::audit::{NoAudit, OutboundAudit};
 use crate::EhrAdapter;
 
-/// What an adapter is built from: the connection's settings (base URL, client id, key
-/// references...) as the configuration gave them, and its vendor's mapping profile.
-#[derive(Debug, Clone)]
+/// What an adapter is built from: the connection as stored (or configured), with its
+/// credential in clear (the gateway decrypts it just before building), and vendor-specific
+/// settings (an Epic `group_id`, a Cerner `tenant`...) each vendor module documents.
+#[derive(Clone)]
 pub struct Connection {
     pub id: String,
     pub vendor: String,
+    /// The EHR's FHIR R4 base URL (no trailing slash).
     pub fhir_base_url: String,
+    pub client_id: String,
+    /// The token endpoint; discovered from `{base}/.well-known/smart-configuration` when `None`.
+    pub token_url: Option<String>,
+    pub credential: Credential,
+    /// Scopes to ask for; the vendor's default when `None`.
+    pub scopes: Option<String>,
     pub settings: serde_json::Map<String, serde_json::Value>,
 }
 
+/// How the connection proves who it is at the token endpoint.
+#[derive(Clone)]
+pub enum Credential {
+    /// SMART backend services: a JWT client assertion signed with this private key (PEM,
+    /// RSA for RS384 or P-384 EC for ES384), `kid` naming its public key in the client's JWKS.
+    PrivateKey { pem: String, kid: Option<String> },
+    /// OAuth client_credentials with a client secret (HTTP Basic), as Cerner system accounts.
+    ClientSecret(String),
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credential::PrivateKey { kid, .. } => f
+                .debug_struct("PrivateKey")
+                .field("kid", kid)
+                .field("pem", &"[redacted]")
+                .finish(),
+            Credential::ClientSecret(_) => f.write_str("ClientSecret([redacted])"),
+        }
+    }
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("id", &self.id)
+            .field("vendor", &self.vendor)
+            .field("fhir_base_url", &self.fhir_base_url)
+            .field("client_id", &self.client_id)
+            .field("token_url", &self.token_url)
+            .field("credential", &self.credential)
+            .field("scopes", &self.scopes)
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+/// What the gateway lends every adapter it builds: where outbound calls are audited (more
+/// shared parts, such as one HTTP connection pool, join it as they are needed).
+#[derive(Clone)]
+pub struct AdapterContext {
+    pub audit: Arc<dyn OutboundAudit>,
+}
+
+impl Default for AdapterContext {
+    fn default() -> Self {
+        Self {
+            audit: Arc::new(NoAudit),
+        }
+    }
+}
+
 /// Builds one vendor's adapter for a connection.
-pub type AdapterFactory =
-    fn(&Connection, &fhirgate_mappings::Profile) -> Result<Arc<dyn EhrAdapter>, RegistryError>;
+pub type AdapterFactory = fn(
+    &Connection,
+    &fhirgate_mappings::Profile,
+    &AdapterContext,
+) -> Result<Arc<dyn EhrAdapter>, RegistryError>;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RegistryError {
@@ -69,6 +134,7 @@ impl Registry {
         &self,
         connection: &Connection,
         profiles: &Profiles,
+        context: &AdapterContext,
     ) -> Result<Arc<dyn EhrAdapter>, RegistryError> {
         let factory =
             self.factories
@@ -84,7 +150,7 @@ impl Registry {
                 connection: connection.id.clone(),
                 vendor: connection.vendor.clone(),
             })?;
-        factory(connection, profile)
+        factory(connection, profile, context)
     }
 }
 
@@ -135,6 +201,7 @@ mod tests {
     fn offline(
         c: &Connection,
         _: &fhirgate_mappings::Profile,
+        _: &AdapterContext,
     ) -> Result<Arc<dyn EhrAdapter>, RegistryError> {
         Ok(Arc::new(Offline(c.vendor.clone())))
     }
@@ -144,6 +211,10 @@ mod tests {
             id: "conn-1".into(),
             vendor: vendor.into(),
             fhir_base_url: "https://ehr.example/fhir/r4".into(),
+            client_id: "fhirgate".into(),
+            token_url: None,
+            credential: Credential::ClientSecret("s3cret".into()),
+            scopes: None,
             settings: Default::default(),
         }
     }
@@ -151,14 +222,20 @@ mod tests {
     #[tokio::test]
     async fn a_registered_vendor_builds_with_its_profile_and_others_are_named_errors() {
         let profiles = Profiles::built_in().unwrap();
+        let ctx = AdapterContext::default();
         let registry = Registry::built_in()
             .register("epic", offline)
             .register("acme", offline);
-        let adapter = registry.build(&connection("epic"), &profiles).unwrap();
+        let adapter = registry
+            .build(&connection("epic"), &profiles, &ctx)
+            .unwrap();
         assert_eq!(adapter.vendor(), "epic");
         assert!(adapter.patient("p1").await.unwrap_err().is_retryable());
+        assert!(!format!("{:?}", connection("epic")).contains("s3cret"));
         assert_eq!(
-            registry.build(&connection("meditech"), &profiles).err(),
+            registry
+                .build(&connection("meditech"), &profiles, &ctx)
+                .err(),
             Some(RegistryError::UnknownVendor {
                 connection: "conn-1".into(),
                 vendor: "meditech".into(),
@@ -166,7 +243,7 @@ mod tests {
             })
         );
         assert!(matches!(
-            registry.build(&connection("acme"), &profiles).err(),
+            registry.build(&connection("acme"), &profiles, &ctx).err(),
             Some(RegistryError::NoProfile { .. })
         ));
     }
