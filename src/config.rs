@@ -53,6 +53,9 @@ pub struct Settings {
     /// How long audit events are kept before `audit purge` may delete them (>= 2192 days).
     pub audit_retention_days: u32,
     pub export: crate::fhir::export::ExportSettings,
+    /// A folder of mapping profiles (`*.toml`) layered over the built-in ones; empty for the
+    /// built-in profiles only.
+    pub mapping_profiles_dir: String,
 }
 
 /// A secret setting: redacted whenever displayed.

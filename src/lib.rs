@@ -17,4 +17,5 @@ pub mod keys;
 pub mod ops;
 pub mod startup;
 pub mod store;
+pub mod sync;
 pub mod telemetry;

@@ -46,6 +46,8 @@ pub struct AppState {
     pub exports: fhir::export::Exports,
     /// Benchmarks only (see [`BuildOptions`]).
     pub skip_audit: bool,
+    /// EHR connections and the adapter registry.
+    pub connections: crate::sync::Connections,
 }
 
 /// Options that are not configuration. Nothing in the CLI or the config files can set them.
@@ -79,6 +81,8 @@ pub enum StartupError {
     MasterKey(#[from] MasterKeyError),
     #[error("PHI keys: {0}")]
     Crypto(#[from] CryptoError),
+    #[error(transparent)]
+    Profiles(#[from] fhirgate_mappings::ProfileError),
 }
 
 pub struct Application {
@@ -88,6 +92,17 @@ pub struct Application {
     store: Arc<dyn Store>,
     audit_writer: tokio::task::JoinHandle<()>,
     exports: fhir::export::Exports,
+}
+
+/// The mapping profiles: built-in, with the configured folder's over them.
+pub fn load_profiles(
+    settings: &Settings,
+) -> Result<fhirgate_mappings::Profiles, fhirgate_mappings::ProfileError> {
+    if settings.mapping_profiles_dir.is_empty() {
+        fhirgate_mappings::Profiles::built_in()
+    } else {
+        fhirgate_mappings::Profiles::load(std::path::Path::new(&settings.mapping_profiles_dir))
+    }
 }
 
 /// The FHIR API as registered today. Later resources are added here, before the operations
@@ -157,6 +172,9 @@ impl Application {
                 tracing::warn!(error = %e, "PHI vault not opened yet (migrations pending?); will retry on first use")
             }
         }
+        let profiles = Arc::new(load_profiles(&settings)?);
+        let connections =
+            crate::sync::Connections::new(Arc::clone(&store), master.keyring(), profiles);
         let base_url = settings.base_url(addr);
         let api = fhir_api();
         let capability = web::Data::new(Capability::build(&api, &base_url)?);
@@ -187,6 +205,7 @@ impl Application {
             saved_searches: SavedSearches::default(),
             exports: fhir::export::Exports::new(&settings.export, &api),
             skip_audit: options.skip_audit,
+            connections,
         });
         let exports = state.exports.clone();
         fhir::export::start(state.clone());

@@ -16,7 +16,7 @@ pub use adapter::{
     BulkExport, ClaimStatusUpdate, EhrAdapter, ExportFile, ExportRequest, ExportStatus, Page,
     PageStream, PushReceipt,
 };
-pub use audit::{NoAudit, OutboundAction, OutboundAudit, OutboundCall};
+pub use audit::{AuditUnavailable, NoAudit, OutboundAction, OutboundAudit, OutboundCall};
 pub use error::AdapterError;
 pub use registry::{
     AdapterContext, AdapterFactory, Connection, Credential, Registry, RegistryError,

@@ -50,6 +50,14 @@ pub fn hash_of(r: &AuditRecord) -> [u8; 32] {
     ] {
         field(&mut h, f.as_deref());
     }
+    // Fields added after the first records were chained (outbound calls): hashed only when
+    // present, so every earlier record keeps its hash. A record cannot lose them unnoticed:
+    // its stored hash covers them.
+    if r.connection_id.is_some() || r.duration_ms.is_some() {
+        h.update(b"outbound");
+        field(&mut h, r.connection_id.as_deref());
+        h.update(r.duration_ms.unwrap_or(-1).to_be_bytes());
+    }
     h.update((r.prev_hash.len() as u32).to_be_bytes());
     h.update(&r.prev_hash);
     h.finalize().into()
@@ -179,6 +187,34 @@ mod tests {
         let report = verify_chain("p1", &records);
         assert!(report.ok);
         assert_eq!(report.events, 5);
+    }
+
+    #[test]
+    fn an_outbound_call_s_connection_and_duration_are_chained() {
+        let mut records = chain_of(3);
+        let event = NewAuditEvent {
+            practice_id: Some(ResourceId::parse("p", "p1").unwrap()),
+            action: Some(Action::Outbound(fhirgate_adapters::OutboundAction::Search)),
+            status_code: 200,
+            connection_id: Some("conn-1".into()),
+            duration_ms: Some(42),
+            ..Default::default()
+        };
+        let last = &records[2];
+        let outbound = AuditRecord::next(&event, last.chain_seq, &last.hash, crate::store::now());
+        assert_eq!(outbound.action, "ehr-search");
+        records.push(outbound);
+        assert!(verify_chain("p1", &records).ok);
+        for tamper in [
+            |r: &mut AuditRecord| r.duration_ms = Some(1),
+            |r: &mut AuditRecord| r.connection_id = None,
+            |r: &mut AuditRecord| r.duration_ms = None,
+        ] {
+            let mut copy = records.clone();
+            tamper(&mut copy[3]);
+            let report = verify_chain("p1", &copy);
+            assert_eq!(report.first_broken.unwrap().chain_seq, 4);
+        }
     }
 
     #[test]

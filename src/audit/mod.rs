@@ -10,6 +10,8 @@ pub mod writer;
 use serde::Serialize;
 use time::OffsetDateTime;
 
+use fhirgate_adapters::OutboundAction;
+
 use crate::domain::ResourceId;
 
 pub use chain::{verify_chain, ChainReport};
@@ -33,6 +35,9 @@ pub enum Action {
     Push,
     /// A request that reached the gate but names no known interaction (404s, 405s).
     Access,
+    /// A call the gateway made to an EHR (`ehr-read`, `ehr-token`...).
+    #[serde(skip)]
+    Outbound(OutboundAction),
 }
 
 impl Action {
@@ -51,6 +56,16 @@ impl Action {
             Action::Sync => "sync",
             Action::Push => "push",
             Action::Access => "access",
+            Action::Outbound(a) => match a {
+                OutboundAction::Discovery => "ehr-discovery",
+                OutboundAction::Token => "ehr-token",
+                OutboundAction::Read => "ehr-read",
+                OutboundAction::Search => "ehr-search",
+                OutboundAction::ExportStart => "ehr-export-start",
+                OutboundAction::ExportPoll => "ehr-export-poll",
+                OutboundAction::ExportDownload => "ehr-export-download",
+                OutboundAction::Push => "ehr-push",
+            },
         }
     }
 }
@@ -70,6 +85,10 @@ pub struct NewAuditEvent {
     pub user_agent: Option<String>,
     pub request_id: Option<String>,
     pub purpose_of_use: Option<String>,
+    /// The EHR connection of an outbound call.
+    pub connection_id: Option<String>,
+    /// How long an outbound call took.
+    pub duration_ms: Option<i64>,
 }
 
 impl NewAuditEvent {
@@ -81,9 +100,10 @@ impl NewAuditEvent {
     }
 }
 
-/// `success` for 1xx-3xx, `failure` otherwise (the status code says which failure).
+/// `success` for 1xx-3xx, `failure` otherwise (the status code says which failure; 0 is an
+/// outbound call that got no response).
 pub fn outcome_of(status: u16) -> &'static str {
-    if status < 400 {
+    if (1..400).contains(&status) {
         "success"
     } else {
         "failure"
@@ -114,6 +134,10 @@ pub struct AuditRecord {
     pub user_agent: Option<String>,
     pub request_id: Option<String>,
     pub purpose_of_use: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connection_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<i64>,
     #[serde(serialize_with = "hex")]
     pub prev_hash: Vec<u8>,
     #[serde(serialize_with = "hex")]
@@ -155,6 +179,8 @@ impl AuditRecord {
             user_agent: event.user_agent.clone(),
             request_id: event.request_id.clone(),
             purpose_of_use: event.purpose_of_use.clone(),
+            connection_id: event.connection_id.clone(),
+            duration_ms: event.duration_ms,
             prev_hash: prev_hash.to_vec(),
             hash: Vec::new(),
         };

@@ -2,7 +2,10 @@
 //! variables. Commands meant for scripts print one JSON object a line on stdout; diagnostics go to
 //! stderr and never contain PHI.
 
+mod connections;
 mod healthcheck;
+
+pub use connections::ConnectionsCommand;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,6 +45,9 @@ pub enum Command {
     /// Manage API clients (SMART backend-services clients of the FHIR API).
     #[command(subcommand)]
     Clients(ClientsCommand),
+    /// Manage EHR connections (outbound: where pulls and claim-status pushes go).
+    #[command(subcommand)]
+    Connections(ConnectionsCommand),
     /// Verify and export the audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -254,6 +260,7 @@ async fn dispatch(command: Command, settings: Settings) -> Result<(), CliError> 
         }
         Command::Practices(cmd) => practices(cmd, settings).await,
         Command::Clients(cmd) => clients(cmd, settings).await,
+        Command::Connections(cmd) => connections::run(cmd, settings).await,
         Command::Audit(cmd) => audit(cmd, settings).await,
         Command::Keys(cmd) => keys(cmd, settings).await,
         Command::Healthcheck { .. } => unreachable!("handled before loading settings"),

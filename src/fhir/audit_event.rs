@@ -59,7 +59,7 @@ fn instant(t: OffsetDateTime) -> String {
 fn action_code(action: &str) -> &'static str {
     match action {
         "create" => "C",
-        "read" | "vread" | "history" => "R",
+        "read" | "vread" | "history" | "ehr-read" | "ehr-search" | "ehr-export-download" => "R",
         "update" => "U",
         "delete" => "D",
         _ => "E",
@@ -70,10 +70,10 @@ fn action_code(action: &str) -> &'static str {
 fn actions_for(code: &str) -> Option<&'static str> {
     Some(match code {
         "C" => "create",
-        "R" => "read,vread,history",
+        "R" => "read,vread,history,ehr-read,ehr-search,ehr-export-download",
         "U" => "update",
         "D" => "delete",
-        "E" => "search,export,token,access,webhook,sync,push",
+        "E" => "search,export,token,access,webhook,sync,push,ehr-discovery,ehr-token,ehr-export-start,ehr-export-poll,ehr-push",
         _ => return None,
     })
 }
@@ -82,7 +82,8 @@ fn subtype(action: &str) -> Option<&'static str> {
     Some(match action {
         "read" => "read",
         "vread" => "vread",
-        "search" => "search-type",
+        "search" | "ehr-search" => "search-type",
+        "ehr-read" => "read",
         "history" => "history-instance",
         "create" => "create",
         "update" => "update",
@@ -99,6 +100,8 @@ pub fn to_fhir(r: &AuditRecord) -> Value {
         json!({ "system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest", "display": "RESTful Operation" })
     };
     let outcome = match r.status_code {
+        // An outbound call that got no response (timeout, refused, circuit open).
+        0 => "8",
         s if s < 400 => "0",
         s if s < 500 => "4",
         _ => "8",
@@ -107,12 +110,16 @@ pub fn to_fhir(r: &AuditRecord) -> Value {
         "type": { "coding": [{ "system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110153", "display": "Source Role ID" }] },
         "requestor": true,
     });
-    match &r.actor_client_id {
-        Some(client) => {
+    match (&r.actor_client_id, &r.connection_id) {
+        (_, Some(connection)) => {
+            // An outbound call: the gateway acted through one of its EHR connections.
+            agent["who"] = json!({ "identifier": { "system": "urn:fhirgate:connection-id", "value": connection } });
+        }
+        (Some(client), None) => {
             agent["who"] =
                 json!({ "identifier": { "system": "urn:fhirgate:client-id", "value": client } });
         }
-        None => agent["who"] = json!({ "display": "unauthenticated client" }),
+        (None, None) => agent["who"] = json!({ "display": "unauthenticated client" }),
     }
     if let Some(role) = &r.actor_role {
         agent["role"] = json!([{ "coding": [{ "system": "urn:fhirgate:role", "code": role }] }]);
@@ -129,7 +136,10 @@ pub fn to_fhir(r: &AuditRecord) -> Value {
         "action": action_code(&r.action),
         "recorded": recorded,
         "outcome": outcome,
-        "outcomeDesc": format!("HTTP {}", r.status_code),
+        "outcomeDesc": match r.status_code {
+            0 => "no response".to_owned(),
+            s => format!("HTTP {s}"),
+        },
         "agent": [agent],
         "source": {
             "observer": { "display": "fhirgate" },
@@ -139,6 +149,13 @@ pub fn to_fhir(r: &AuditRecord) -> Value {
     if let Some(code) = subtype(&r.action) {
         event["subtype"] =
             json!([{ "system": "http://hl7.org/fhir/restful-interaction", "code": code }]);
+    }
+    if let Some(ms) = r.duration_ms {
+        // An outbound call's duration, as the period it took, ending when it was recorded.
+        event["period"] = json!({
+            "start": instant(r.recorded_at - time::Duration::milliseconds(ms)),
+            "end": recorded,
+        });
     }
     if let Some(purpose) = &r.purpose_of_use {
         event["purposeOfEvent"] = json!([{ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": purpose }] }]);

@@ -90,6 +90,8 @@ impl RateLimitSettings {
             Action::Create | Action::Update | Action::Delete => self.cost_write,
             Action::Export => self.cost_export,
             Action::Token | Action::Webhook | Action::Sync | Action::Push => self.cost_token,
+            // Never an inbound request: outbound calls have their own limit per connection.
+            Action::Outbound(_) => 0,
         }
     }
 }

@@ -39,6 +39,11 @@ pub(crate) const SQLITE: Embedded = Embedded(&[
         "bulk_export",
         include_str!("../../migrations/sqlite/0006_bulk_export.sql"),
     ),
+    (
+        7,
+        "ehr_connections",
+        include_str!("../../migrations/sqlite/0007_ehr_connections.sql"),
+    ),
 ]);
 
 pub(crate) const POSTGRES: Embedded = Embedded(&[
@@ -71,6 +76,11 @@ pub(crate) const POSTGRES: Embedded = Embedded(&[
         6,
         "bulk_export",
         include_str!("../../migrations/postgres/0006_bulk_export.sql"),
+    ),
+    (
+        7,
+        "ehr_connections",
+        include_str!("../../migrations/postgres/0007_ehr_connections.sql"),
     ),
 ]);
 

@@ -2,6 +2,7 @@
 //! embedded default, PostgreSQL for production), chosen from the database URL's scheme.
 //! Errors never carry row values (they may be PHI): only what kind of failure happened.
 
+pub(crate) mod connections;
 pub(crate) mod export;
 mod migrations;
 mod postgres;
@@ -18,6 +19,8 @@ use crate::config::DatabaseUrl;
 use crate::domain::{NewPractice, Practice, ResourceId};
 use crate::gate::{ApiClient, ClientKeys, ClientStatus, NewApiClient};
 
+pub(crate) use connections::CONNECTION_COLUMNS;
+pub use connections::{ConnectionStore, NewConnection, StoredConnection};
 pub use export::{
     ExportCursor, ExportEnd, ExportFile, ExportJob, ExportLevel, ExportQuery, ExportScope,
     ExportStatus, ExportStep, ExportStore, NewExportJob, SealedChunk,
@@ -223,6 +226,14 @@ pub trait Store: Send + Sync + 'static {
         audit: &[NewAuditEvent],
     ) -> Result<(), StoreError>;
     /// The current version (`version` = None) or one version of a resource of the practice.
+    /// The head version of each of `ids` that exists in the practice (deleted or not): what an
+    /// update of many resources at once expects.
+    async fn head_versions(
+        &self,
+        practice: &ResourceId,
+        resource_type: &str,
+        ids: &[String],
+    ) -> Result<std::collections::HashMap<String, i64>, StoreError>;
     async fn read_resource(
         &self,
         practice: &ResourceId,
@@ -265,6 +276,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Bulk export jobs and their sealed output.
     fn exports(&self) -> &dyn ExportStore;
+
+    /// EHR connections (outbound).
+    fn connections(&self) -> &dyn ConnectionStore;
 
     /// Closes the pool, waiting for connections in use to be returned.
     async fn close(&self);
@@ -321,7 +335,7 @@ pub(crate) const CLIENT_COLUMNS: &str =
 
 pub(crate) const AUDIT_COLUMNS: &str = "id, chain, chain_seq, recorded_at, practice_id, action, \
     outcome, status_code, actor_client_id, actor_role, resource_type, resource_id, patient_id, \
-    source_ip, user_agent, request_id, purpose_of_use, prev_hash, hash";
+    source_ip, user_agent, request_id, purpose_of_use, connection_id, duration_ms, prev_hash, hash";
 
 /// The latest time a purge may reach: six calendar years ago (45 CFR 164.316(b)(2)).
 pub fn retention_floor(now: time::OffsetDateTime) -> time::OffsetDateTime {

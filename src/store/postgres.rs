@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
+use super::connections::shared_connection_sql;
 use super::export::shared_export_sql;
 use super::migrations::{MigrationStatus, POSTGRES};
 use super::resources::shared_resource_sql;
@@ -77,6 +78,7 @@ impl PgStore {
 
 shared_resource_sql!(PgStore, Postgres, sqlx::postgres::PgRow, " FOR UPDATE");
 shared_export_sql!(PgStore, Postgres, sqlx::postgres::PgRow);
+shared_connection_sql!(PgStore, Postgres, sqlx::postgres::PgRow);
 
 fn practice_from(row: &PgRow) -> Result<Practice, sqlx::Error> {
     Ok(Practice {
@@ -128,6 +130,8 @@ fn audit_from(row: &PgRow) -> Result<AuditRecord, sqlx::Error> {
         user_agent: row.try_get("user_agent")?,
         request_id: row.try_get("request_id")?,
         purpose_of_use: row.try_get("purpose_of_use")?,
+        connection_id: row.try_get("connection_id")?,
+        duration_ms: row.try_get("duration_ms")?,
         prev_hash: row.try_get("prev_hash")?,
         hash: row.try_get("hash")?,
     })
@@ -545,6 +549,16 @@ impl Store for PgStore {
         self.shared_write_resources(practice, writes, audit).await
     }
 
+    async fn head_versions(
+        &self,
+        practice: &ResourceId,
+        resource_type: &str,
+        ids: &[String],
+    ) -> Result<std::collections::HashMap<String, i64>, StoreError> {
+        self.shared_head_versions(practice, resource_type, ids)
+            .await
+    }
+
     async fn read_resource(
         &self,
         practice: &ResourceId,
@@ -603,6 +617,10 @@ impl Store for PgStore {
     }
 
     fn exports(&self) -> &dyn super::ExportStore {
+        self
+    }
+
+    fn connections(&self) -> &dyn super::ConnectionStore {
         self
     }
 

@@ -341,6 +341,8 @@ macro_rules! shared_resource_sql {
                             .push_bind(&r.user_agent)
                             .push_bind(&r.request_id)
                             .push_bind(&r.purpose_of_use)
+                            .push_bind(&r.connection_id)
+                            .push_bind(r.duration_ms)
                             .push_bind(&r.prev_hash)
                             .push_bind(&r.hash);
                     });
@@ -494,6 +496,39 @@ macro_rules! shared_resource_sql {
                 Self::append_audit_in(&mut tx, audit, $crate::store::now()).await?;
                 tx.commit().await?;
                 Ok(())
+            }
+
+            async fn shared_head_versions(
+                &self,
+                practice: &$crate::domain::ResourceId,
+                resource_type: &str,
+                ids: &[String],
+            ) -> Result<std::collections::HashMap<String, i64>, $crate::store::StoreError> {
+                use sqlx::Row;
+                let mut heads = std::collections::HashMap::with_capacity(ids.len());
+                if ids.is_empty() {
+                    return Ok(heads);
+                }
+                let mut tx = self.begin_for(practice).await?;
+                for chunk in ids.chunks($crate::store::ROW_INSERT_CHUNK) {
+                    let mut q = sqlx::QueryBuilder::<$db>::new(
+                        "SELECT id, version_id FROM resources WHERE practice_id = ",
+                    );
+                    q.push_bind(practice.as_str())
+                        .push(" AND resource_type = ")
+                        .push_bind(resource_type)
+                        .push(" AND id IN (");
+                    let mut list = q.separated(", ");
+                    for id in chunk {
+                        list.push_bind(id);
+                    }
+                    q.push(")");
+                    for row in q.build().fetch_all(&mut *tx).await? {
+                        heads.insert(row.try_get("id")?, row.try_get("version_id")?);
+                    }
+                }
+                tx.commit().await?;
+                Ok(heads)
             }
 
             async fn shared_read_resource(

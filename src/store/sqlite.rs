@@ -10,6 +10,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, Sqlite, SqlitePool};
 
+use super::connections::shared_connection_sql;
 use super::export::shared_export_sql;
 use super::migrations::{MigrationStatus, SQLITE};
 use super::resources::shared_resource_sql;
@@ -79,6 +80,7 @@ impl SqliteStore {
 
 shared_resource_sql!(SqliteStore, Sqlite, sqlx::sqlite::SqliteRow, "");
 shared_export_sql!(SqliteStore, Sqlite, sqlx::sqlite::SqliteRow);
+shared_connection_sql!(SqliteStore, Sqlite, sqlx::sqlite::SqliteRow);
 
 fn practice_from(row: &SqliteRow) -> Result<Practice, sqlx::Error> {
     Ok(Practice {
@@ -130,6 +132,8 @@ fn audit_from(row: &SqliteRow) -> Result<AuditRecord, sqlx::Error> {
         user_agent: row.try_get("user_agent")?,
         request_id: row.try_get("request_id")?,
         purpose_of_use: row.try_get("purpose_of_use")?,
+        connection_id: row.try_get("connection_id")?,
+        duration_ms: row.try_get("duration_ms")?,
         prev_hash: row.try_get("prev_hash")?,
         hash: row.try_get("hash")?,
     })
@@ -525,6 +529,16 @@ impl Store for SqliteStore {
         self.shared_write_resources(practice, writes, audit).await
     }
 
+    async fn head_versions(
+        &self,
+        practice: &ResourceId,
+        resource_type: &str,
+        ids: &[String],
+    ) -> Result<std::collections::HashMap<String, i64>, StoreError> {
+        self.shared_head_versions(practice, resource_type, ids)
+            .await
+    }
+
     async fn read_resource(
         &self,
         practice: &ResourceId,
@@ -583,6 +597,10 @@ impl Store for SqliteStore {
     }
 
     fn exports(&self) -> &dyn super::ExportStore {
+        self
+    }
+
+    fn connections(&self) -> &dyn super::ConnectionStore {
         self
     }
 

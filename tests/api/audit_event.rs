@@ -182,3 +182,76 @@ async fn a_client_without_the_audit_scope_is_forbidden() {
     let outcome = fhir_body(res).await;
     assert_eq!(outcome["issue"][0]["code"], "forbidden");
 }
+
+/// Outbound EHR calls land in the practice's chain through the adapters' audit hook: the
+/// connection as agent, the call's duration as the event's period, no request detail; the
+/// chain still verifies, and an inbound event's hash is unchanged by the new columns.
+#[tokio::test]
+async fn outbound_ehr_calls_are_audit_events_naming_the_connection_and_duration() {
+    use fhirgate::domain::ResourceId;
+    use fhirgate_adapters::{OutboundAction, OutboundAudit, OutboundCall};
+    use std::time::Duration;
+
+    let app = spawn_app().await;
+    let s = session(&app, "system/AuditEvent.rs", Role::ExternalSystem).await;
+    let (log, writer) = fhirgate::audit::AuditLog::start(app.store.clone());
+    let calls = fhirgate::sync::AuditedCalls::new(
+        log,
+        ResourceId::parse("practice", s.practice_id.as_str()).unwrap(),
+    );
+    for (action, status) in [
+        (OutboundAction::Token, Some(200)),
+        (OutboundAction::Search, Some(200)),
+        (OutboundAction::Read, None),
+    ] {
+        calls
+            .record(&OutboundCall {
+                connection: "conn-7",
+                action,
+                resource_type: (action != OutboundAction::Token).then_some("Patient"),
+                status,
+                duration: Duration::from_millis(42),
+            })
+            .await
+            .unwrap();
+    }
+    drop(calls);
+    writer.await.unwrap();
+
+    let bundle = fhir_body(get(&app, "/fhir/r4/AuditEvent?_count=50", &s.token).await).await;
+    let events: Vec<&Value> = bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["resource"])
+        .filter(|r| r["agent"][0]["who"]["identifier"]["system"] == "urn:fhirgate:connection-id")
+        .collect();
+    assert_eq!(events.len(), 3, "{bundle}");
+    let search = events[1];
+    assert_eq!(search["agent"][0]["who"]["identifier"]["value"], "conn-7");
+    assert_eq!(search["action"], "R");
+    assert_eq!(search["subtype"][0]["code"], "search-type");
+    assert_eq!(search["outcome"], "0");
+    assert!(
+        search["period"]["start"].as_str().unwrap() < search["period"]["end"].as_str().unwrap()
+    );
+    // No response at all (timeout, refused): a failure, said plainly.
+    assert_eq!(events[2]["outcome"], "8");
+    assert_eq!(events[2]["outcomeDesc"], "no response");
+    assert_valid_fhir(&events.iter().map(|e| (*e).clone()).collect::<Vec<_>>());
+
+    let records = app
+        .store
+        .audit_chain_page(&s.practice_id, 0, 10_000)
+        .await
+        .unwrap();
+    let outbound: Vec<_> = records
+        .iter()
+        .filter(|r| r.connection_id.is_some())
+        .collect();
+    assert_eq!(outbound.len(), 3);
+    assert!(outbound.iter().all(|r| r.duration_ms == Some(42)));
+    assert_eq!(outbound[0].action, "ehr-token");
+    let report = fhirgate::audit::verify_chain(&s.practice_id, &records);
+    assert!(report.ok, "{report:?}");
+}
