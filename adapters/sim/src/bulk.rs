@@ -102,7 +102,7 @@ fn kick_off(
     let job = uuid::Uuid::new_v4().simple().to_string();
     let lines = sh.settings.file_lines.max(1);
     let store = read(&sh.patients);
-    let start = since.map_or(0, |s| store.from_instant(s, false));
+    let start = since.map_or(0, |s| store.start_at_instant(s, false));
     let chosen = &store.sorted[start..];
     let mut files = Vec::new();
     let mut output = Vec::new();

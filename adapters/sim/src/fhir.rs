@@ -326,8 +326,8 @@ fn run_search(
     let mut start = 0;
     for b in &filter.bounds {
         match *b {
-            Bound::Gt(t) => start = start.max(store.from_instant(t, false)),
-            Bound::Ge(t) => start = start.max(store.from_instant(t, true)),
+            Bound::Gt(t) => start = start.max(store.start_at_instant(t, false)),
+            Bound::Ge(t) => start = start.max(store.start_at_instant(t, true)),
             _ => {}
         }
     }

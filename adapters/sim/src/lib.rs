@@ -278,7 +278,7 @@ impl Simulator {
     pub fn patients_changed_after(&self, instant: time::OffsetDateTime) -> Vec<Value> {
         let ms = (instant.unix_timestamp_nanos() / 1_000_000) as i64;
         let store = read(&self.shared.patients);
-        let start = store.from_instant(ms, false);
+        let start = store.start_at_instant(ms, false);
         store.sorted[start..]
             .iter()
             .map(|r| r.resource.clone())

@@ -96,7 +96,7 @@ impl PatientStore {
     }
 
     /// Index of the first record with lastUpdated > `lu` (or >= when `inclusive`).
-    pub fn from_instant(&self, lu: i64, inclusive: bool) -> usize {
+    pub fn start_at_instant(&self, lu: i64, inclusive: bool) -> usize {
         if inclusive {
             self.sorted.partition_point(|r| r.lu < lu)
         } else {
