@@ -12,8 +12,10 @@ pub mod coverage;
 pub mod model;
 pub mod patient;
 pub mod profile;
+pub mod read;
 
-pub use profile::{Profile, ProfileError, Profiles};
+pub use profile::{CodeElement, Profile, ProfileError, Profiles};
+pub use read::{read, translate_codes};
 
 /// Why a FHIR resource does not map. Names the element only: values may be PHI.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
