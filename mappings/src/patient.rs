@@ -461,6 +461,74 @@ mod tests {
     }
 
     #[test]
+    fn an_ssn_stays_out_of_the_model_unless_the_profile_keeps_it() {
+        let mut fhir = us_core_patient();
+        let extra: Vec<Identifier> = serde_json::from_value(json!([
+            { "system": "http://hl7.org/fhir/sid/us-ssn", "value": "999-99-9999" },
+            { "type": { "coding": [{ "system": V2_0203, "code": "SS" }] }, "value": "999999999" }
+        ]))
+        .unwrap();
+        fhir.identifier.extend(extra.into_iter().map(Some));
+        let mut profile = generic();
+        let p = from_fhir(&fhir, &profile).unwrap();
+        assert_eq!(p.identifiers.len(), 2);
+        assert!(p.identifiers.iter().all(|i| !i.value.starts_with("999")));
+        profile.identifiers.keep_ssn = true;
+        assert_eq!(from_fhir(&fhir, &profile).unwrap().identifiers.len(), 4);
+    }
+
+    #[test]
+    fn telecom_is_chosen_by_rank_and_old_numbers_are_skipped() {
+        let mut fhir = us_core_patient();
+        fhir.telecom = serde_json::from_value(json!([
+            { "system": "phone", "use": "old", "value": "555-0001", "rank": 1 },
+            { "system": "phone", "use": "work", "value": "555-0002" },
+            { "system": "phone", "use": "mobile", "value": "555-0003", "rank": 2 },
+            { "system": "email", "value": "b@example.org", "rank": 3 },
+            { "system": "email", "value": "a@example.org", "rank": 1 }
+        ]))
+        .unwrap();
+        let p = from_fhir(&fhir, &generic()).unwrap();
+        assert_eq!(p.phone.as_deref(), Some("555-0003"));
+        assert_eq!(p.email.as_deref(), Some("a@example.org"));
+    }
+
+    #[test]
+    fn an_old_identifier_is_not_the_mrn() {
+        let mut fhir = us_core_patient();
+        fhir.identifier = serde_json::from_value(json!([
+            { "use": "old", "type": { "coding": [{ "system": V2_0203, "code": "MR" }] }, "value": "OLD-1" },
+            { "type": { "coding": [{ "system": V2_0203, "code": "MR" }] }, "value": "NEW-2" }
+        ]))
+        .unwrap();
+        assert_eq!(
+            from_fhir(&fhir, &generic()).unwrap().mrn.as_deref(),
+            Some("NEW-2")
+        );
+    }
+
+    #[test]
+    fn birth_sex_is_a_us_core_code_or_the_profile_translates_it() {
+        let mut fhir = us_core_patient();
+        let url = generic().extensions.birth_sex;
+        fhir.extension.retain(|e| e.url != url);
+        fhir.extension
+            .push(serde_json::from_value(json!({ "url": url, "valueCode": "female" })).unwrap());
+        let err = from_fhir(&fhir, &generic()).unwrap_err();
+        assert!(
+            err.to_string().starts_with("Patient.extension(birthsex): "),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("female"), "{err}");
+        let mut profile = generic();
+        profile.codes.birth_sex.insert("female".into(), "F".into());
+        assert_eq!(
+            from_fhir(&fhir, &profile).unwrap().birth_sex.as_deref(),
+            Some("F")
+        );
+    }
+
+    #[test]
     fn the_internal_model_round_trips_through_fhir() {
         let profile = generic();
         let p = from_fhir(&us_core_patient(), &profile).unwrap();

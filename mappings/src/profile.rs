@@ -408,7 +408,35 @@ mod tests {
                 generic().replace("vendor = \"generic\"", "vendor = \"epic\""),
                 "vendor",
             ),
+            (
+                generic().replace("[codes.gender]", "[codes.gender]\nmale = \"female\""),
+                "codes.gender.male",
+            ),
+            (
+                generic() + "\n[codes.marital_status]\nX = \"M\"\n",
+                "marital_status",
+            ),
+            (
+                generic().replace(
+                    "member_id_systems = []",
+                    "member_id_systems = []\nkeep_ssn = \"yes\"",
+                ),
+                "keep_ssn",
+            ),
         ];
+        // A translation of each element to a code outside its value set names that key.
+        let mut cases: Vec<(String, String)> = cases
+            .into_iter()
+            .map(|(text, key)| (text, key.to_owned()))
+            .collect();
+        for element in CodeElement::ALL {
+            let key = element.key();
+            cases.push((
+                generic().replace("[codes.gender]", "")
+                    + &format!("\n[codes.{key}]\nVENDOR = \"not-fhir\"\n"),
+                format!("codes.{key}.VENDOR: expected one of"),
+            ));
+        }
         for (text, key) in cases {
             let err = Profile::parse("profiles/generic.toml", &text)
                 .unwrap_err()
@@ -417,7 +445,7 @@ mod tests {
                 err.starts_with("mapping profile profiles/generic.toml: "),
                 "{err}"
             );
-            assert!(err.contains(key), "{key}: {err}");
+            assert!(err.contains(&key), "{key}: {err}");
         }
     }
 
@@ -439,6 +467,26 @@ mod tests {
         let err = Profiles::load(&dir).unwrap_err().to_string();
         assert!(err.contains("broken.toml"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn every_code_element_translates_or_passes_fhir_codes_through() {
+        let mut profile = Profile::parse("generic.toml", &generic()).unwrap();
+        assert!(!profile.identifiers.keep_ssn);
+        profile
+            .codes
+            .coverage_status
+            .insert("terminated".into(), "cancelled".into());
+        assert_eq!(
+            profile.code(CodeElement::CoverageStatus, "terminated"),
+            Some("cancelled")
+        );
+        for element in CodeElement::ALL {
+            for code in element.fhir_codes() {
+                assert_eq!(profile.code(element, code), Some(*code));
+            }
+            assert_eq!(profile.code(element, "no-such-code"), None);
+        }
     }
 
     #[test]
