@@ -1,5 +1,9 @@
-//! Practitioner, Organization, Encounter (a session), Claim and ClaimResponse into the internal
-//! model.
+//! Practitioner, Organization, Encounter (a session), Claim and ClaimResponse <-> the internal
+//! model. `to_fhir` writes what the model holds and fills the elements FHIR requires that the
+//! model does not carry with fixed, documented values (an Encounter's class `AMB`, a Claim's type
+//! `professional`, use `claim`, priority `normal`, a ClaimResponse's type `professional` and use
+//! `claim`); a reference the model lacks but FHIR requires is written as a `display` saying so.
+//! Never formats a value of a resource into an error.
 
 use fhir_sdk::r4b::resources::{
     Claim, ClaimDiagnosisDiagnosis, ClaimItemServiced, ClaimResponse, Encounter, Organization,
@@ -7,6 +11,7 @@ use fhir_sdk::r4b::resources::{
 };
 use fhir_sdk::r4b::types::{CodeableConcept, Identifier, Money, Period};
 use serde::Serialize;
+use serde_json::{json, Value};
 
 use crate::coverage::reference_id;
 use crate::model::{self, PersonName};
@@ -17,6 +22,10 @@ pub const CPT: &str = "http://www.ama-assn.org/go/cpt";
 /// ICD-10-CM diagnosis codes.
 pub const ICD10_CM: &str = "http://hl7.org/fhir/sid/icd-10-cm";
 const ORGANIZATION_TYPE: &str = "http://terminology.hl7.org/CodeSystem/organization-type";
+const ACT_CODE: &str = "http://terminology.hl7.org/CodeSystem/v3-ActCode";
+const CLAIM_TYPE: &str = "http://terminology.hl7.org/CodeSystem/claim-type";
+const PROCESS_PRIORITY: &str = "http://terminology.hl7.org/CodeSystem/processpriority";
+const PAYMENT_TYPE: &str = "http://terminology.hl7.org/CodeSystem/ex-paymenttype";
 
 fn text<T: Serialize>(value: &T) -> Option<String> {
     serde_json::to_value(value)
@@ -62,16 +71,11 @@ fn period(p: &Option<Period>) -> (Option<String>, Option<String>) {
 }
 
 pub fn practitioner_from_fhir(p: &Practitioner, profile: &Profile) -> model::Practitioner {
-    let name = p.name.iter().flatten().next().map(|n| PersonName {
-        family: n.family.clone(),
-        given: n.given.iter().flatten().cloned().collect(),
-        prefix: n.prefix.iter().flatten().cloned().collect(),
-        suffix: n.suffix.iter().flatten().cloned().collect(),
-    });
     model::Practitioner {
         source_id: p.id.clone(),
         npi: identifier(&p.identifier, &profile.identifiers.npi_system),
-        name,
+        // As a patient's: official, else usual, else the first current one.
+        name: crate::patient::best_name(p.name.iter().flatten()),
         active: p.active.unwrap_or(true),
     }
 }
@@ -171,6 +175,8 @@ pub fn claim_response_from_fhir(r: &ClaimResponse) -> Result<model::ClaimRespons
         source_id: r.id.clone(),
         claim_id: r.request.as_ref().and_then(|q| reference_id(q, "Claim")),
         patient_id,
+        created: text(&r.created),
+        insurer_id: reference_id(&r.insurer, "Organization"),
         status: r.status.clone(),
         outcome: text(&r.outcome).unwrap_or_default(),
         disposition: r.disposition.clone(),
@@ -179,6 +185,229 @@ pub fn claim_response_from_fhir(r: &ClaimResponse) -> Result<model::ClaimRespons
             .as_ref()
             .and_then(|p| cents(&Some(p.amount.clone()))),
     })
+}
+
+/// A FHIR `Money` in US dollars of an amount in cents, written exactly (`13557` is `135.57`).
+fn money(cents: i64) -> Value {
+    let sign = if cents < 0 { "-" } else { "" };
+    let abs = cents.unsigned_abs();
+    let text = format!("{sign}{}.{:02}", abs / 100, abs % 100);
+    // A decimal literal of digits always parses; the fallback is never taken.
+    let value = text
+        .parse::<serde_json::Number>()
+        .map_or(Value::Null, Value::Number);
+    json!({ "value": value, "currency": "USD" })
+}
+
+fn coding(system: &str, code: &str) -> Value {
+    json!({ "coding": [{ "system": system, "code": code }] })
+}
+
+fn human_name(name: &PersonName) -> Value {
+    let mut out = json!({ "use": "official" });
+    if let Some(f) = &name.family {
+        out["family"] = json!(f);
+    }
+    for (key, list) in [
+        ("given", &name.given),
+        ("prefix", &name.prefix),
+        ("suffix", &name.suffix),
+    ] {
+        if !list.is_empty() {
+            out[key] = json!(list);
+        }
+    }
+    out
+}
+
+fn with_id(mut resource: Value, id: &Option<String>) -> Value {
+    if let Some(id) = id {
+        resource["id"] = json!(id);
+    }
+    resource
+}
+
+fn period_json(start: &Option<String>, end: &Option<String>) -> Option<Value> {
+    if start.is_none() && end.is_none() {
+        return None;
+    }
+    let mut p = json!({});
+    if let Some(s) = start {
+        p["start"] = json!(s);
+    }
+    if let Some(e) = end {
+        p["end"] = json!(e);
+    }
+    Some(p)
+}
+
+/// The FHIR Practitioner of a therapist: the NPI under the profile's NPI system.
+pub fn practitioner_to_fhir(p: &model::Practitioner, profile: &Profile) -> Value {
+    let mut out = with_id(
+        json!({ "resourceType": "Practitioner", "active": p.active }),
+        &p.source_id,
+    );
+    if let Some(npi) = &p.npi {
+        out["identifier"] = json!([{ "system": profile.identifiers.npi_system, "value": npi }]);
+    }
+    if let Some(name) = &p.name {
+        out["name"] = json!([human_name(name)]);
+    }
+    out
+}
+
+/// The FHIR Organization of the practice or a payer (typed `pay` when a payer).
+pub fn organization_to_fhir(o: &model::Organization, profile: &Profile) -> Value {
+    let mut out = with_id(
+        json!({ "resourceType": "Organization", "active": o.active }),
+        &o.source_id,
+    );
+    let mut ids = Vec::new();
+    if let Some(npi) = &o.npi {
+        ids.push(json!({ "system": profile.identifiers.npi_system, "value": npi }));
+    }
+    if let Some(tax) = &o.tax_id {
+        ids.push(json!({ "system": profile.identifiers.tax_id_system, "value": tax }));
+    }
+    if !ids.is_empty() {
+        out["identifier"] = Value::Array(ids);
+    }
+    if o.is_payer {
+        out["type"] = json!([coding(ORGANIZATION_TYPE, "pay")]);
+    }
+    if let Some(name) = &o.name {
+        out["name"] = json!(name);
+    }
+    out
+}
+
+/// The FHIR Encounter of a session: class `AMB` (the practice sees outpatients), the CPT code
+/// as its type, the ICD-10-CM code as its reason.
+pub fn session_to_fhir(s: &model::Session) -> Value {
+    let mut out = with_id(
+        json!({
+            "resourceType": "Encounter",
+            "status": s.status,
+            "class": { "system": ACT_CODE, "code": "AMB", "display": "ambulatory" },
+            "subject": { "reference": format!("Patient/{}", s.patient_id) },
+        }),
+        &s.source_id,
+    );
+    if let Some(cpt) = &s.cpt_code {
+        out["type"] = json!([coding(CPT, cpt)]);
+    }
+    if let Some(practitioner) = &s.practitioner_id {
+        out["participant"] =
+            json!([{ "individual": { "reference": format!("Practitioner/{practitioner}") } }]);
+    }
+    if let Some(p) = period_json(&s.start, &s.end) {
+        out["period"] = p;
+    }
+    if let Some(icd) = &s.icd10_code {
+        out["reasonCode"] = json!([coding(ICD10_CM, icd)]);
+    }
+    out
+}
+
+/// The FHIR Claim of a claim: a `professional` claim of `normal` priority, its coverage the
+/// focal insurance, one item per line.
+pub fn claim_to_fhir(c: &model::Claim) -> Value {
+    let mut out = with_id(
+        json!({
+            "resourceType": "Claim",
+            "status": c.status,
+            "type": coding(CLAIM_TYPE, "professional"),
+            "use": "claim",
+            "patient": { "reference": format!("Patient/{}", c.patient_id) },
+        }),
+        &c.source_id,
+    );
+    if let Some(created) = &c.created {
+        out["created"] = json!(created);
+    }
+    // provider and insurance are required: an unknown one is said so, not left out.
+    out["provider"] = match &c.provider {
+        Some(provider) => json!({ "reference": provider }),
+        None => json!({ "display": "unknown provider" }),
+    };
+    out["priority"] = coding(PROCESS_PRIORITY, "normal");
+    if !c.icd10_codes.is_empty() {
+        out["diagnosis"] = c
+            .icd10_codes
+            .iter()
+            .enumerate()
+            .map(|(i, code)| {
+                json!({ "sequence": i + 1, "diagnosisCodeableConcept": coding(ICD10_CM, code) })
+            })
+            .collect();
+    }
+    out["insurance"] = json!([{
+        "sequence": 1,
+        "focal": true,
+        "coverage": match &c.coverage_id {
+            Some(id) => json!({ "reference": format!("Coverage/{id}") }),
+            None => json!({ "display": "unknown coverage" }),
+        },
+    }]);
+    if !c.lines.is_empty() {
+        out["item"] = c
+            .lines
+            .iter()
+            .enumerate()
+            .map(|(i, line)| {
+                let mut item = json!({
+                    "sequence": i + 1,
+                    "productOrService": match &line.cpt_code {
+                        Some(cpt) => coding(CPT, cpt),
+                        None => json!({ "text": "not coded" }),
+                    },
+                });
+                if let Some(date) = &line.service_date {
+                    item["servicedDate"] = json!(date);
+                }
+                if let Some(net) = line.net_cents {
+                    item["net"] = money(net);
+                }
+                item
+            })
+            .collect();
+    }
+    if let Some(total) = c.total_cents {
+        out["total"] = money(total);
+    }
+    out
+}
+
+/// The FHIR ClaimResponse of a payer's answer.
+pub fn claim_response_to_fhir(r: &model::ClaimResponse) -> Value {
+    let mut out = with_id(
+        json!({
+            "resourceType": "ClaimResponse",
+            "status": r.status,
+            "type": coding(CLAIM_TYPE, "professional"),
+            "use": "claim",
+            "patient": { "reference": format!("Patient/{}", r.patient_id) },
+        }),
+        &r.source_id,
+    );
+    if let Some(created) = &r.created {
+        out["created"] = json!(created);
+    }
+    out["insurer"] = match &r.insurer_id {
+        Some(id) => json!({ "reference": format!("Organization/{id}") }),
+        None => json!({ "display": "unknown insurer" }),
+    };
+    if let Some(claim) = &r.claim_id {
+        out["request"] = json!({ "reference": format!("Claim/{claim}") });
+    }
+    out["outcome"] = json!(r.outcome);
+    if let Some(d) = &r.disposition {
+        out["disposition"] = json!(d);
+    }
+    if let Some(paid) = r.payment_cents {
+        out["payment"] = json!({ "type": coding(PAYMENT_TYPE, "complete"), "amount": money(paid) });
+    }
+    out
 }
 
 #[cfg(test)]

@@ -189,6 +189,10 @@ pub struct ClaimResponse {
     pub source_id: Option<String>,
     pub claim_id: Option<String>,
     pub patient_id: String,
+    /// When the payer made the answer (FHIR dateTime).
+    pub created: Option<String>,
+    /// The id of the paying Organization (`ClaimResponse.insurer`).
+    pub insurer_id: Option<String>,
     pub status: String,
     /// `queued`, `complete`, `error` or `partial`.
     pub outcome: String,

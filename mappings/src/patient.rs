@@ -2,7 +2,9 @@
 //! (with the MRN chosen by the vendor profile) and the US Core race, ethnicity and birth-sex
 //! extensions.
 
-use fhir_sdk::r4b::codes::{AddressUse, ContactPointSystem, NameUse};
+use fhir_sdk::r4b::codes::{
+    AddressUse, ContactPointSystem, ContactPointUse, IdentifierUse, NameUse,
+};
 use fhir_sdk::r4b::resources::Patient;
 use fhir_sdk::r4b::types::{
     Address, CodeableConcept, Coding, ContactPoint, Extension, ExtensionValue, HumanName,
@@ -12,6 +14,7 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::model::{self, Code, Gender, PersonName, RaceOrEthnicity};
+use crate::profile::{CodeElement, SSN_SYSTEMS};
 use crate::{MappingError, Profile};
 
 /// The HL7 v2-0203 identifier type system, whose `MR` marks a medical record number.
@@ -30,7 +33,12 @@ fn strings(values: &[Option<String>]) -> Vec<String> {
 
 /// Maps a Patient read from an EHR into the internal model.
 pub fn from_fhir(patient: &Patient, profile: &Profile) -> Result<model::Patient, MappingError> {
-    let identifiers: Vec<&Identifier> = patient.identifier.iter().flatten().collect();
+    let identifiers: Vec<&Identifier> = patient
+        .identifier
+        .iter()
+        .flatten()
+        .filter(|i| profile.identifiers.keep_ssn || !is_ssn(i))
+        .collect();
     let gender = match &patient.gender {
         None => None,
         Some(g) => {
@@ -51,13 +59,37 @@ pub fn from_fhir(patient: &Patient, profile: &Profile) -> Result<model::Patient,
         .and_then(|d| serde_json::to_value(d).ok())
         .and_then(|v| v.as_str().map(str::to_owned));
     let telecom: Vec<&ContactPoint> = patient.telecom.iter().flatten().collect();
+    // The current contact point of the system with the best (lowest) rank; unranked ones after
+    // ranked ones, in the feed's order; `old` ones never.
     let telecom_value = |system: ContactPointSystem| {
-        telecom
+        let mut current: Vec<&&ContactPoint> = telecom
             .iter()
-            .filter(|t| t.system.as_ref() == Some(&system))
+            .filter(|t| t.system.as_ref() == Some(&system) && t.value.is_some())
             .filter(|t| t.period.as_ref().is_none_or(|p| p.end.is_none()))
-            .find_map(|t| t.value.clone())
+            .filter(|t| t.r#use != Some(ContactPointUse::Old))
+            .collect();
+        current.sort_by_key(|t| t.rank.map_or(u32::MAX, |r| r.get()));
+        current.first().and_then(|t| t.value.clone())
     };
+    let birth_sex =
+        match extension(&patient.extension, &profile.extensions.birth_sex).and_then(|e| {
+            match &e.value {
+                Some(ExtensionValue::Code(code)) => Some(code.as_str()),
+                _ => None,
+            }
+        }) {
+            None => None,
+            Some(code) => Some(
+                profile
+                    .code(CodeElement::BirthSex, code)
+                    .ok_or(MappingError::Invalid {
+                        element: "Patient.extension(birthsex)",
+                        rule: "not a US Core birth-sex code (F, M, UNK), and the profile does not \
+                           translate it",
+                    })?
+                    .to_owned(),
+            ),
+        };
     Ok(model::Patient {
         source_id: patient.id.clone(),
         mrn: mrn(&identifiers, profile),
@@ -79,18 +111,30 @@ pub fn from_fhir(patient: &Patient, profile: &Profile) -> Result<model::Patient,
         race: extension(&patient.extension, &profile.extensions.race).map(race_or_ethnicity),
         ethnicity: extension(&patient.extension, &profile.extensions.ethnicity)
             .map(race_or_ethnicity),
-        birth_sex: extension(&patient.extension, &profile.extensions.birth_sex).and_then(|e| {
-            match &e.value {
-                Some(ExtensionValue::Code(code)) => Some(code.clone()),
-                _ => None,
-            }
-        }),
+        birth_sex,
     })
 }
 
+/// A social security number: of an SSN system, or typed `SS` (HL7 v2-0203).
+fn is_ssn(identifier: &Identifier) -> bool {
+    identifier
+        .system
+        .as_deref()
+        .is_some_and(|s| SSN_SYSTEMS.contains(&s))
+        || identifier
+            .r#type
+            .as_ref()
+            .is_some_and(|t| has_code(t, V2_0203, "SS"))
+}
+
 /// The MRN: the first identifier of a profile MRN system (in the profile's order), else one
-/// typed `MR`.
+/// typed `MR`; identifiers whose use is `old` are no longer the record's number.
 fn mrn(identifiers: &[&Identifier], profile: &Profile) -> Option<String> {
+    let identifiers: Vec<&Identifier> = identifiers
+        .iter()
+        .filter(|i| i.r#use != Some(IdentifierUse::Old))
+        .copied()
+        .collect();
     profile
         .identifiers
         .mrn_systems
@@ -123,7 +167,7 @@ fn has_code(concept: &CodeableConcept, system: &str, code: &str) -> bool {
 
 /// The official name, else a usual one, else the first with a family or given name; names
 /// whose period has ended are skipped.
-fn best_name<'a>(names: impl Iterator<Item = &'a HumanName>) -> Option<PersonName> {
+pub(crate) fn best_name<'a>(names: impl Iterator<Item = &'a HumanName>) -> Option<PersonName> {
     let current: Vec<&HumanName> = names
         .filter(|n| n.period.as_ref().is_none_or(|p| p.end.is_none()))
         .filter(|n| n.family.is_some() || n.given.iter().flatten().next().is_some())
@@ -414,6 +458,74 @@ mod tests {
         profile.identifiers.mrn_systems = vec!["urn:oid:9.9.9".into()];
         let p = from_fhir(&us_core_patient(), &profile).unwrap();
         assert_eq!(p.mrn.as_deref(), Some("OTHER-1"));
+    }
+
+    #[test]
+    fn an_ssn_stays_out_of_the_model_unless_the_profile_keeps_it() {
+        let mut fhir = us_core_patient();
+        let extra: Vec<Identifier> = serde_json::from_value(json!([
+            { "system": "http://hl7.org/fhir/sid/us-ssn", "value": "999-99-9999" },
+            { "type": { "coding": [{ "system": V2_0203, "code": "SS" }] }, "value": "999999999" }
+        ]))
+        .unwrap();
+        fhir.identifier.extend(extra.into_iter().map(Some));
+        let mut profile = generic();
+        let p = from_fhir(&fhir, &profile).unwrap();
+        assert_eq!(p.identifiers.len(), 2);
+        assert!(p.identifiers.iter().all(|i| !i.value.starts_with("999")));
+        profile.identifiers.keep_ssn = true;
+        assert_eq!(from_fhir(&fhir, &profile).unwrap().identifiers.len(), 4);
+    }
+
+    #[test]
+    fn telecom_is_chosen_by_rank_and_old_numbers_are_skipped() {
+        let mut fhir = us_core_patient();
+        fhir.telecom = serde_json::from_value(json!([
+            { "system": "phone", "use": "old", "value": "555-0001", "rank": 1 },
+            { "system": "phone", "use": "work", "value": "555-0002" },
+            { "system": "phone", "use": "mobile", "value": "555-0003", "rank": 2 },
+            { "system": "email", "value": "b@example.org", "rank": 3 },
+            { "system": "email", "value": "a@example.org", "rank": 1 }
+        ]))
+        .unwrap();
+        let p = from_fhir(&fhir, &generic()).unwrap();
+        assert_eq!(p.phone.as_deref(), Some("555-0003"));
+        assert_eq!(p.email.as_deref(), Some("a@example.org"));
+    }
+
+    #[test]
+    fn an_old_identifier_is_not_the_mrn() {
+        let mut fhir = us_core_patient();
+        fhir.identifier = serde_json::from_value(json!([
+            { "use": "old", "type": { "coding": [{ "system": V2_0203, "code": "MR" }] }, "value": "OLD-1" },
+            { "type": { "coding": [{ "system": V2_0203, "code": "MR" }] }, "value": "NEW-2" }
+        ]))
+        .unwrap();
+        assert_eq!(
+            from_fhir(&fhir, &generic()).unwrap().mrn.as_deref(),
+            Some("NEW-2")
+        );
+    }
+
+    #[test]
+    fn birth_sex_is_a_us_core_code_or_the_profile_translates_it() {
+        let mut fhir = us_core_patient();
+        let url = generic().extensions.birth_sex;
+        fhir.extension.retain(|e| e.url != url);
+        fhir.extension
+            .push(serde_json::from_value(json!({ "url": url, "valueCode": "female" })).unwrap());
+        let err = from_fhir(&fhir, &generic()).unwrap_err();
+        assert!(
+            err.to_string().starts_with("Patient.extension(birthsex): "),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("female"), "{err}");
+        let mut profile = generic();
+        profile.codes.birth_sex.insert("female".into(), "F".into());
+        assert_eq!(
+            from_fhir(&fhir, &profile).unwrap().birth_sex.as_deref(),
+            Some("F")
+        );
     }
 
     #[test]

@@ -14,8 +14,94 @@ pub const BUILT_IN: &[(&str, &str)] = &[
     ("cerner", include_str!("../profiles/cerner.toml")),
 ];
 
-/// FHIR administrative gender codes, the only values the gender translations may produce.
-const GENDERS: &[&str] = &["male", "female", "other", "unknown"];
+/// The coded elements a profile may translate: the key under `[codes]`, where the code sits, and
+/// the FHIR codes (the element's required value set) a translation may produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodeElement {
+    /// `Patient.gender`, `Practitioner.gender` (AdministrativeGender).
+    Gender,
+    /// The US Core birth-sex extension's `valueCode` (F, M, UNK).
+    BirthSex,
+    /// `HumanName.use` (NameUse).
+    NameUse,
+    /// `ContactPoint.system` (ContactPointSystem).
+    TelecomSystem,
+    /// `ContactPoint.use` (ContactPointUse).
+    TelecomUse,
+    /// `Address.use` (AddressUse).
+    AddressUse,
+    /// `Coverage.status` (FinancialResourceStatusCodes).
+    CoverageStatus,
+    /// `Encounter.status` (EncounterStatus).
+    EncounterStatus,
+}
+
+impl CodeElement {
+    pub const ALL: [CodeElement; 8] = [
+        CodeElement::Gender,
+        CodeElement::BirthSex,
+        CodeElement::NameUse,
+        CodeElement::TelecomSystem,
+        CodeElement::TelecomUse,
+        CodeElement::AddressUse,
+        CodeElement::CoverageStatus,
+        CodeElement::EncounterStatus,
+    ];
+
+    /// The key of its table under `[codes]`.
+    pub fn key(self) -> &'static str {
+        match self {
+            CodeElement::Gender => "gender",
+            CodeElement::BirthSex => "birth_sex",
+            CodeElement::NameUse => "name_use",
+            CodeElement::TelecomSystem => "telecom_system",
+            CodeElement::TelecomUse => "telecom_use",
+            CodeElement::AddressUse => "address_use",
+            CodeElement::CoverageStatus => "coverage_status",
+            CodeElement::EncounterStatus => "encounter_status",
+        }
+    }
+
+    /// The FHIR R4 codes of the element (its required binding).
+    pub fn fhir_codes(self) -> &'static [&'static str] {
+        match self {
+            CodeElement::Gender => &["male", "female", "other", "unknown"],
+            CodeElement::BirthSex => &["F", "M", "UNK"],
+            CodeElement::NameUse => &[
+                "usual",
+                "official",
+                "temp",
+                "nickname",
+                "anonymous",
+                "old",
+                "maiden",
+            ],
+            CodeElement::TelecomSystem => {
+                &["phone", "fax", "email", "pager", "url", "sms", "other"]
+            }
+            CodeElement::TelecomUse => &["home", "work", "temp", "old", "mobile"],
+            CodeElement::AddressUse => &["home", "work", "temp", "old", "billing"],
+            CodeElement::CoverageStatus => &["active", "cancelled", "draft", "entered-in-error"],
+            CodeElement::EncounterStatus => &[
+                "planned",
+                "arrived",
+                "triaged",
+                "in-progress",
+                "onleave",
+                "finished",
+                "cancelled",
+                "entered-in-error",
+                "unknown",
+            ],
+        }
+    }
+}
+
+/// The SSN identifier systems: the FHIR one and the SSA's OID.
+pub const SSN_SYSTEMS: &[&str] = &[
+    "http://hl7.org/fhir/sid/us-ssn",
+    "urn:oid:2.16.840.1.113883.4.1",
+];
 
 /// One vendor's mapping conventions.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -38,6 +124,11 @@ pub struct Identifiers {
     pub tax_id_system: String,
     /// Systems of `Coverage.identifier` that carry the member id (else `Coverage.subscriberId`).
     pub member_id_systems: Vec<String>,
+    /// Whether a Patient's social security number (an identifier of [`SSN_SYSTEMS`] or typed
+    /// `SS`) enters the internal model. Off unless a profile says so: the practice's systems do
+    /// not need it, and what is not kept cannot leak.
+    #[serde(default)]
+    pub keep_ssn: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -48,12 +139,43 @@ pub struct Extensions {
     pub birth_sex: String,
 }
 
-/// Vendor code -> FHIR code, per element.
+/// Vendor code -> FHIR code, per element (see [`CodeElement`]). A code without a translation
+/// passes through, and must then be FHIR's own.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Codes {
     #[serde(default)]
     pub gender: BTreeMap<String, String>,
+    #[serde(default)]
+    pub birth_sex: BTreeMap<String, String>,
+    #[serde(default)]
+    pub name_use: BTreeMap<String, String>,
+    #[serde(default)]
+    pub telecom_system: BTreeMap<String, String>,
+    #[serde(default)]
+    pub telecom_use: BTreeMap<String, String>,
+    #[serde(default)]
+    pub address_use: BTreeMap<String, String>,
+    #[serde(default)]
+    pub coverage_status: BTreeMap<String, String>,
+    #[serde(default)]
+    pub encounter_status: BTreeMap<String, String>,
+}
+
+impl Codes {
+    /// The translation table of an element.
+    pub fn table(&self, element: CodeElement) -> &BTreeMap<String, String> {
+        match element {
+            CodeElement::Gender => &self.gender,
+            CodeElement::BirthSex => &self.birth_sex,
+            CodeElement::NameUse => &self.name_use,
+            CodeElement::TelecomSystem => &self.telecom_system,
+            CodeElement::TelecomUse => &self.telecom_use,
+            CodeElement::AddressUse => &self.address_use,
+            CodeElement::CoverageStatus => &self.coverage_status,
+            CodeElement::EncounterStatus => &self.encounter_status,
+        }
+    }
 }
 
 /// Why a profile does not load: the file, the key, and what is wrong with it.
@@ -125,23 +247,40 @@ impl Profile {
                 )));
             }
         }
-        for (from, to) in &profile.codes.gender {
-            if !GENDERS.contains(&to.as_str()) {
-                return Err(invalid(format!(
-                    "codes.gender.{from}: expected one of male, female, other, unknown"
-                )));
+        for element in CodeElement::ALL {
+            let allowed = element.fhir_codes();
+            for (from, to) in profile.codes.table(element) {
+                let key = format!("codes.{}.{from}", element.key());
+                if !allowed.contains(&to.as_str()) {
+                    return Err(invalid(format!(
+                        "{key}: expected one of {}",
+                        allowed.join(", ")
+                    )));
+                }
+                // Translating one FHIR code into another would rewrite what a conformant
+                // feed means.
+                if allowed.contains(&from.as_str()) && from != to {
+                    return Err(invalid(format!(
+                        "{key}: a FHIR code of the element cannot be translated"
+                    )));
+                }
             }
         }
         Ok(profile)
     }
 
-    /// The FHIR gender code for a code a feed sent: a translation of the profile, or the code
-    /// itself when it is FHIR's.
-    pub fn gender<'a>(&'a self, code: &'a str) -> Option<&'a str> {
-        match self.codes.gender.get(code) {
+    /// The FHIR code of `element` for a code a feed sent: the profile's translation, or the
+    /// code itself when it is FHIR's; `None` when it is neither.
+    pub fn code<'a>(&'a self, element: CodeElement, code: &'a str) -> Option<&'a str> {
+        match self.codes.table(element).get(code) {
             Some(fhir) => Some(fhir.as_str()),
-            None => GENDERS.contains(&code).then_some(code),
+            None => element.fhir_codes().contains(&code).then_some(code),
         }
+    }
+
+    /// The FHIR gender code for a code a feed sent (see [`Profile::code`]).
+    pub fn gender<'a>(&'a self, code: &'a str) -> Option<&'a str> {
+        self.code(CodeElement::Gender, code)
     }
 }
 
@@ -269,7 +408,35 @@ mod tests {
                 generic().replace("vendor = \"generic\"", "vendor = \"epic\""),
                 "vendor",
             ),
+            (
+                generic().replace("[codes.gender]", "[codes.gender]\nmale = \"female\""),
+                "codes.gender.male",
+            ),
+            (
+                generic() + "\n[codes.marital_status]\nX = \"M\"\n",
+                "marital_status",
+            ),
+            (
+                generic().replace(
+                    "member_id_systems = []",
+                    "member_id_systems = []\nkeep_ssn = \"yes\"",
+                ),
+                "keep_ssn",
+            ),
         ];
+        // A translation of each element to a code outside its value set names that key.
+        let mut cases: Vec<(String, String)> = cases
+            .into_iter()
+            .map(|(text, key)| (text, key.to_owned()))
+            .collect();
+        for element in CodeElement::ALL {
+            let key = element.key();
+            cases.push((
+                generic().replace("[codes.gender]", "")
+                    + &format!("\n[codes.{key}]\nVENDOR = \"not-fhir\"\n"),
+                format!("codes.{key}.VENDOR: expected one of"),
+            ));
+        }
         for (text, key) in cases {
             let err = Profile::parse("profiles/generic.toml", &text)
                 .unwrap_err()
@@ -278,7 +445,7 @@ mod tests {
                 err.starts_with("mapping profile profiles/generic.toml: "),
                 "{err}"
             );
-            assert!(err.contains(key), "{key}: {err}");
+            assert!(err.contains(&key), "{key}: {err}");
         }
     }
 
@@ -300,6 +467,26 @@ mod tests {
         let err = Profiles::load(&dir).unwrap_err().to_string();
         assert!(err.contains("broken.toml"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn every_code_element_translates_or_passes_fhir_codes_through() {
+        let mut profile = Profile::parse("generic.toml", &generic()).unwrap();
+        assert!(!profile.identifiers.keep_ssn);
+        profile
+            .codes
+            .coverage_status
+            .insert("terminated".into(), "cancelled".into());
+        assert_eq!(
+            profile.code(CodeElement::CoverageStatus, "terminated"),
+            Some("cancelled")
+        );
+        for element in CodeElement::ALL {
+            for code in element.fhir_codes() {
+                assert_eq!(profile.code(element, code), Some(*code));
+            }
+            assert_eq!(profile.code(element, "no-such-code"), None);
+        }
     }
 
     #[test]
