@@ -271,10 +271,13 @@ async fn spawn_ehr() -> (Arc<Ehr>, String) {
     (ehr, origin)
 }
 
+/// One audited call: action, resource type, status, and the record's `Debug` text.
+type Recorded = (OutboundAction, Option<String>, Option<u16>, String);
+
 /// Records every outbound call (as its `Debug` text too); fails them all when `down`.
 #[derive(Default)]
 struct Recorder {
-    calls: Mutex<Vec<(OutboundAction, Option<String>, Option<u16>, String)>>,
+    calls: Mutex<Vec<Recorded>>,
     down: AtomicBool,
 }
 
