@@ -3,14 +3,17 @@
 //!
 //! This crate is where integration engineers work; it never depends on the gateway's storage or
 //! HTTP surface, and never logs PHI. What is here so far: the trait every adapter implements,
-//! the one error type callers decide retry or dead-letter by, and the registry that builds an
-//! adapter from a connection's `vendor`. The vendors, the shared client, the simulators and the
-//! conformance kit follow (issue 5).
+//! the one error type callers decide retry or dead-letter by, the registry that builds an
+//! adapter from a connection's `vendor`, the shared outbound client ([`client`]) and the Epic,
+//! Cerner and generic SMART R4 adapters ([`vendors`]). The simulators and the conformance kit
+//! follow (issue 5).
 
 pub mod adapter;
 pub mod audit;
+pub mod client;
 pub mod error;
 pub mod registry;
+pub mod vendors;
 
 pub use adapter::{
     BulkExport, ClaimStatusUpdate, EhrAdapter, ExportFile, ExportRequest, ExportStatus, Page,

@@ -113,10 +113,12 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// The vendors this crate ships (none registered yet: the vendor modules arrive with
-    /// issue 5's adapters).
+    /// The vendors this crate ships.
     pub fn built_in() -> Self {
         Self::default()
+            .register("epic", crate::vendors::epic::factory)
+            .register("cerner", crate::vendors::cerner::factory)
+            .register("generic", crate::vendors::generic::factory)
     }
 
     /// Adds (or replaces) a vendor's factory.
@@ -219,11 +221,20 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_built_in_registry_knows_the_three_shipped_vendors() {
+        let registry = Registry::built_in();
+        assert_eq!(
+            registry.vendors().collect::<Vec<_>>(),
+            ["cerner", "epic", "generic"]
+        );
+    }
+
     #[tokio::test]
     async fn a_registered_vendor_builds_with_its_profile_and_others_are_named_errors() {
         let profiles = Profiles::built_in().unwrap();
         let ctx = AdapterContext::default();
-        let registry = Registry::built_in()
+        let registry = Registry::default()
             .register("epic", offline)
             .register("acme", offline);
         let adapter = registry
