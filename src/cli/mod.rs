@@ -4,8 +4,10 @@
 
 mod connections;
 mod healthcheck;
+mod sandbox;
 
 pub use connections::ConnectionsCommand;
+pub use sandbox::SandboxArgs;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -48,6 +50,9 @@ pub enum Command {
     /// Manage EHR connections (outbound: where pulls and claim-status pushes go).
     #[command(subcommand)]
     Connections(ConnectionsCommand),
+    /// Try a full pull locally: EHR simulators with synthetic patients, a connection to each,
+    /// one pull through the real adapters into the configured database.
+    Sandbox(SandboxArgs),
     /// Verify and export the audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -261,6 +266,7 @@ async fn dispatch(command: Command, settings: Settings) -> Result<(), CliError> 
         Command::Practices(cmd) => practices(cmd, settings).await,
         Command::Clients(cmd) => clients(cmd, settings).await,
         Command::Connections(cmd) => connections::run(cmd, settings).await,
+        Command::Sandbox(args) => sandbox::run(args, settings).await,
         Command::Audit(cmd) => audit(cmd, settings).await,
         Command::Keys(cmd) => keys(cmd, settings).await,
         Command::Healthcheck { .. } => unreachable!("handled before loading settings"),

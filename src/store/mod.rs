@@ -225,7 +225,6 @@ pub trait Store: Send + Sync + 'static {
         writes: &[ResourceWrite],
         audit: &[NewAuditEvent],
     ) -> Result<(), StoreError>;
-    /// The current version (`version` = None) or one version of a resource of the practice.
     /// The head version of each of `ids` that exists in the practice (deleted or not): what an
     /// update of many resources at once expects.
     async fn head_versions(
@@ -234,6 +233,7 @@ pub trait Store: Send + Sync + 'static {
         resource_type: &str,
         ids: &[String],
     ) -> Result<std::collections::HashMap<String, i64>, StoreError>;
+    /// The current version (`version` = None) or one version of a resource of the practice.
     async fn read_resource(
         &self,
         practice: &ResourceId,

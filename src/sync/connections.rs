@@ -152,6 +152,11 @@ impl Connections {
         &self.registry
     }
 
+    /// The mapping profile of a vendor.
+    pub fn profile(&self, vendor: &str) -> Option<&fhirgate_mappings::Profile> {
+        self.profiles.get(vendor)
+    }
+
     /// Checks and stores a new connection.
     pub async fn add(&self, spec: ConnectionSpec) -> Result<ConnectionInfo, ConnectionError> {
         match self.store.get_practice(&spec.practice_id).await {

@@ -4,6 +4,8 @@
 
 pub mod connections;
 pub mod outbound_audit;
+pub mod pull;
 
 pub use connections::{ConnectionError, ConnectionInfo, ConnectionSpec, Connections};
 pub use outbound_audit::AuditedCalls;
+pub use pull::{pull, PullError, PullOptions, PullReport, PullTarget};

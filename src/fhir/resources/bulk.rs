@@ -5,7 +5,7 @@
 
 use serde_json::Value;
 
-use super::{parse_body, prepare, Kind};
+use super::{check_resource, parse_body, prepare, Kind};
 use crate::crypto::PhiVault;
 use crate::domain::{new_resource_id, ResourceId};
 use crate::http::ApiError;
@@ -23,4 +23,23 @@ pub fn new_resource(
     let map = parse_body(kind, &body)?;
     let id = new_resource_id();
     Ok(prepare(kind, vault, practice, map, id.as_str(), Expect::Absent)?.write)
+}
+
+/// A version of `resource` under the id `id`: a create when `expect` is [`Expect::Absent`], an
+/// update of the head version otherwise (checked as a create or update checks its body; the
+/// body's own `id` is replaced).
+pub fn resource_at(
+    kind: &Kind,
+    vault: &PhiVault,
+    practice: &ResourceId,
+    resource: Value,
+    id: &str,
+    expect: Expect,
+) -> Result<ResourceWrite, ApiError> {
+    let mut map = check_resource(kind, resource).map_err(|issues| ApiError::Invalid {
+        status: 400,
+        issues,
+    })?;
+    map.insert("id".into(), Value::from(id));
+    Ok(prepare(kind, vault, practice, map, id, expect)?.write)
 }

@@ -1,0 +1,319 @@
+//! One pull of an EHR connection's patients (and, when asked, their coverages) into the
+//! practice's FHIR store: page by page from the adapter, each resource mapped to the internal
+//! model with the vendor's profile (a resource that does not map is counted and skipped, never
+//! stored half-way), checked as a FHIR write is, and written with one transaction per page
+//! together with its audit events.
+//!
+//! A pulled resource keeps the EHR's JSON, under a local id derived from the connection and
+//! the EHR's id (the same EHR resource always lands on the same local resource, so a second
+//! pull updates rather than duplicates), with the EHR's id kept as an identifier of system
+//! `urn:fhirgate:connection:{id}` and references between pulled resources rewritten to the
+//! local ids. Nothing here logs a resource or an id.
+
+use std::collections::HashMap;
+
+use fhirgate_adapters::{AdapterError, EhrAdapter};
+use fhirgate_mappings::Profile;
+use futures_util::StreamExt;
+use serde::Serialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::audit::{Action, NewAuditEvent};
+use crate::crypto::PhiVault;
+use crate::domain::ResourceId;
+use crate::fhir::resources::{bulk, kind_of};
+use crate::store::{Expect, ResourceWrite, Store, StoreError};
+
+/// Where a pull writes.
+pub struct PullTarget<'a> {
+    pub store: &'a dyn Store,
+    pub vault: &'a PhiVault,
+    pub practice: &'a ResourceId,
+    pub connection_id: &'a str,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PullOptions {
+    /// Also fetch each pulled patient's coverages.
+    pub coverage: bool,
+}
+
+/// What a pull did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PullReport {
+    pub pages: u64,
+    /// Patients the EHR listed.
+    pub received: u64,
+    pub created: u64,
+    pub updated: u64,
+    pub coverages: u64,
+    /// Resources that did not map or did not pass the FHIR checks (skipped).
+    pub failed: u64,
+    /// The EHR's `meta.lastUpdated` high-water mark after the last page: where the next pull
+    /// starts.
+    pub watermark: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error("EHR: {0}")]
+    Adapter(#[from] AdapterError),
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// The system of the identifier that carries a pulled resource's id at the EHR.
+pub fn source_system(connection_id: &str) -> String {
+    format!("urn:fhirgate:connection:{connection_id}")
+}
+
+/// The local id of an EHR resource: 32 hex digits of SHA-256 over the connection, type and
+/// EHR id (a FHIR id, stable across pulls, unrelated between connections).
+pub fn local_id(connection_id: &str, resource_type: &str, ehr_id: &str) -> String {
+    let digest = Sha256::new()
+        .chain_update(connection_id.as_bytes())
+        .chain_update([0])
+        .chain_update(resource_type.as_bytes())
+        .chain_update([0])
+        .chain_update(ehr_id.as_bytes())
+        .finalize();
+    let mut out = String::with_capacity(32);
+    for b in &digest[..16] {
+        use std::fmt::Write;
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// Pulls patients changed after `since` (all when `None`), calling `progress` after each page.
+pub async fn pull(
+    target: &PullTarget<'_>,
+    adapter: &dyn EhrAdapter,
+    profile: &Profile,
+    since: Option<&str>,
+    options: PullOptions,
+    mut progress: impl FnMut(&PullReport),
+) -> Result<PullReport, PullError> {
+    let mut report = PullReport {
+        watermark: since.map(str::to_owned),
+        ..PullReport::default()
+    };
+    let mut pages = adapter.patients_changed_since(since);
+    while let Some(page) = pages.next().await {
+        let page = page?;
+        report.pages += 1;
+        report.received += page.resources.len() as u64;
+        let mut patients = Vec::with_capacity(page.resources.len());
+        for resource in page.resources {
+            match admit(target, profile, "Patient", resource, &HashMap::new()) {
+                Some(admitted) => patients.push(admitted),
+                None => report.failed += 1,
+            }
+        }
+        let mut coverages = Vec::new();
+        if options.coverage {
+            let locals: HashMap<String, String> = patients
+                .iter()
+                .map(|p| {
+                    (
+                        format!("Patient/{}", p.ehr_id),
+                        format!("Patient/{}", p.local_id),
+                    )
+                })
+                .collect();
+            for patient in &patients {
+                for coverage in adapter.coverage_for(&patient.ehr_id).await? {
+                    match admit(target, profile, "Coverage", coverage, &locals) {
+                        Some(admitted) => coverages.push(admitted),
+                        None => report.failed += 1,
+                    }
+                }
+            }
+        }
+        let (created, updated, failed) = write(target, "Patient", patients).await?;
+        report.created += created;
+        report.updated += updated;
+        report.failed += failed;
+        let (c_created, c_updated, c_failed) = write(target, "Coverage", coverages).await?;
+        report.coverages += c_created + c_updated;
+        report.failed += c_failed;
+        if page.watermark.is_some() {
+            report.watermark = page.watermark;
+        }
+        progress(&report);
+    }
+    Ok(report)
+}
+
+/// A resource that maps, ready to be written under its local id.
+struct Admitted {
+    ehr_id: String,
+    local_id: String,
+    resource: Value,
+}
+
+/// Checks that `resource` is of the type asked and maps with the profile, and rewrites it for
+/// the local store; `None` when it cannot be admitted.
+fn admit(
+    target: &PullTarget<'_>,
+    profile: &Profile,
+    resource_type: &str,
+    mut resource: Value,
+    locals: &HashMap<String, String>,
+) -> Option<Admitted> {
+    if resource.get("resourceType").and_then(Value::as_str) != Some(resource_type) {
+        return None;
+    }
+    let ehr_id = resource.get("id").and_then(Value::as_str)?.to_owned();
+    let maps = match resource_type {
+        "Patient" => fhirgate_mappings::read(resource.clone(), profile)
+            .and_then(|p| fhirgate_mappings::patient::from_fhir(&p, profile))
+            .is_ok(),
+        "Coverage" => fhirgate_mappings::read(resource.clone(), profile)
+            .and_then(|c| fhirgate_mappings::coverage::from_fhir(&c, profile))
+            .is_ok(),
+        _ => false,
+    };
+    if !maps {
+        return None;
+    }
+    let local_id = local_id(target.connection_id, resource_type, &ehr_id);
+    let object = resource.as_object_mut()?;
+    let system = source_system(target.connection_id);
+    let identifiers = object
+        .entry("identifier")
+        .or_insert_with(|| Value::Array(Vec::new()));
+    if let Value::Array(list) = identifiers {
+        let known = list
+            .iter()
+            .any(|i| i["system"] == system.as_str() && i["value"] == ehr_id.as_str());
+        if !known {
+            list.push(json!({ "system": system, "value": ehr_id }));
+        }
+    }
+    if !locals.is_empty() {
+        rewrite_references(&mut resource, locals);
+    }
+    Some(Admitted {
+        ehr_id,
+        local_id,
+        resource,
+    })
+}
+
+/// Replaces every `reference` that names a pulled resource by its local reference.
+fn rewrite_references(value: &mut Value, locals: &HashMap<String, String>) {
+    match value {
+        Value::Object(map) => {
+            for (key, v) in map.iter_mut() {
+                if key == "reference" {
+                    if let Some(local) = v.as_str().and_then(|r| locals.get(r)) {
+                        *v = Value::String(local.clone());
+                    }
+                } else {
+                    rewrite_references(v, locals);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|v| rewrite_references(v, locals)),
+        _ => {}
+    }
+}
+
+/// Writes admitted resources of one type in one transaction with their audit events; returns
+/// (created, updated, failed the FHIR checks).
+async fn write(
+    target: &PullTarget<'_>,
+    resource_type: &str,
+    admitted: Vec<Admitted>,
+) -> Result<(u64, u64, u64), PullError> {
+    if admitted.is_empty() {
+        return Ok((0, 0, 0));
+    }
+    let Some(kind) = kind_of(resource_type) else {
+        return Ok((0, 0, admitted.len() as u64));
+    };
+    let ids: Vec<String> = admitted.iter().map(|a| a.local_id.clone()).collect();
+    let heads = target
+        .store
+        .head_versions(target.practice, resource_type, &ids)
+        .await?;
+    let (mut created, mut updated, mut failed) = (0, 0, 0);
+    let mut writes: Vec<ResourceWrite> = Vec::with_capacity(admitted.len());
+    let mut audit = Vec::with_capacity(admitted.len());
+    let mut seen = std::collections::HashSet::with_capacity(admitted.len());
+    for a in admitted {
+        // An EHR page listing one resource twice: the later copy wins on the next pull.
+        if !seen.insert(a.local_id.clone()) {
+            continue;
+        }
+        let expect = heads
+            .get(&a.local_id)
+            .map_or(Expect::Absent, |v| Expect::Version(*v));
+        match bulk::resource_at(
+            kind,
+            target.vault,
+            target.practice,
+            a.resource,
+            &a.local_id,
+            expect,
+        ) {
+            Ok(w) => {
+                match w.expect {
+                    Expect::Absent => created += 1,
+                    Expect::Version(_) => updated += 1,
+                }
+                let patient = (resource_type == "Patient").then(|| a.local_id.clone());
+                audit.push(NewAuditEvent {
+                    practice_id: Some(target.practice.clone()),
+                    action: Some(Action::Sync),
+                    status_code: if matches!(w.expect, Expect::Absent) {
+                        201
+                    } else {
+                        200
+                    },
+                    resource_type: Some(resource_type.to_owned()),
+                    resource_id: Some(a.local_id),
+                    patient_id: patient,
+                    connection_id: Some(target.connection_id.to_owned()),
+                    ..NewAuditEvent::default()
+                });
+                writes.push(w);
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    target
+        .store
+        .write_resources(target.practice, &writes, &audit)
+        .await?;
+    Ok((created, updated, failed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_ids_are_stable_fhir_ids_distinct_per_connection_and_type() {
+        let a = local_id("c1", "Patient", "e1");
+        assert_eq!(a, local_id("c1", "Patient", "e1"));
+        assert_eq!(a.len(), 32);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, local_id("c2", "Patient", "e1"));
+        assert_ne!(a, local_id("c1", "Coverage", "e1"));
+    }
+
+    #[test]
+    fn references_to_pulled_resources_become_local() {
+        let locals = HashMap::from([("Patient/e1".to_owned(), "Patient/l1".to_owned())]);
+        let mut coverage = json!({
+            "beneficiary": { "reference": "Patient/e1" },
+            "payor": [{ "reference": "Organization/o1" }],
+        });
+        rewrite_references(&mut coverage, &locals);
+        assert_eq!(coverage["beneficiary"]["reference"], "Patient/l1");
+        assert_eq!(coverage["payor"][0]["reference"], "Organization/o1");
+    }
+}
