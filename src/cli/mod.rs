@@ -7,7 +7,7 @@ mod healthcheck;
 mod sandbox;
 
 pub use connections::ConnectionsCommand;
-pub use sandbox::SandboxArgs;
+pub use sandbox::{sandbox_spec, SandboxArgs};
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -27,6 +27,14 @@ pub static COVERAGE: Kind = Kind {
             doc: "the beneficiary: Patient/{id} or {id}",
         },
         Param {
+            name: "beneficiary",
+            kind: ParamKind::Reference {
+                target: "Patient",
+                ids: beneficiary,
+            },
+            doc: "the same as patient (FHIR R4 defines both): Patient/{id} or {id}",
+        },
+        Param {
             name: "payor",
             kind: ParamKind::Reference {
                 target: "Organization",
