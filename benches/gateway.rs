@@ -32,9 +32,13 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[path = "support/mod.rs"]
+mod support;
+
 use fhirgate::config::Settings;
 use fhirgate::startup::{Application, BuildOptions};
 use reqwest::{Client, Method, RequestBuilder};
+use support::{peak_rss_mib, reset_peak_rss, BenchDatabase};
 
 const WARM_UP: Duration = Duration::from_secs(1);
 const DEFAULT_SECONDS: f64 = 10.0;
@@ -397,73 +401,6 @@ fn toml_string(value: &str) -> String {
     format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
-/// The database the gateway runs on for this bench: a SQLite file in the temp working
-/// directory, or a fresh PostgreSQL database on the server `FHIRGATE_BENCH_DATABASE_URL` names.
-struct BenchDatabase {
-    url: String,
-    /// For PostgreSQL: the server's URL and the database to drop at the end.
-    postgres: Option<(String, String)>,
-}
-
-impl BenchDatabase {
-    async fn create(workdir: &Path) -> Self {
-        match std::env::var("FHIRGATE_BENCH_DATABASE_URL")
-            .ok()
-            .filter(|u| !u.is_empty())
-        {
-            Some(admin_url) => {
-                let name = format!("fhirgate_bench_{}", uuid::Uuid::new_v4().simple());
-                let admin = sqlx::PgPool::connect(&admin_url)
-                    .await
-                    .expect("FHIRGATE_BENCH_DATABASE_URL reaches a PostgreSQL server");
-                sqlx::query(&format!("CREATE DATABASE {name}"))
-                    .execute(&admin)
-                    .await
-                    .expect("create the bench database");
-                admin.close().await;
-                let mut url = reqwest::Url::parse(&admin_url)
-                    .expect("FHIRGATE_BENCH_DATABASE_URL is a valid URL");
-                url.set_path(&format!("/{name}"));
-                Self {
-                    url: url.to_string(),
-                    postgres: Some((admin_url, name)),
-                }
-            }
-            None => Self {
-                url: format!("sqlite://{}/bench.db", workdir.display()),
-                postgres: None,
-            },
-        }
-    }
-
-    fn backend(&self) -> &'static str {
-        match self.postgres {
-            Some(_) => "postgres",
-            None => "sqlite",
-        }
-    }
-
-    /// Drops the PostgreSQL database (the server has closed its pool by now); a SQLite file
-    /// goes with the temp working directory.
-    async fn drop_database(self) {
-        if let Some((admin_url, name)) = &self.postgres {
-            match sqlx::PgPool::connect(admin_url).await {
-                Ok(admin) => {
-                    let dropped =
-                        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                            .execute(&admin)
-                            .await;
-                    if let Err(err) = dropped {
-                        eprintln!("gateway bench: cannot drop database {name}: {err}");
-                    }
-                    admin.close().await;
-                }
-                Err(err) => eprintln!("gateway bench: cannot drop database {name}: {err}"),
-            }
-        }
-    }
-}
-
 /// Registers a practice and a client with an ES384 key, gets a token, and finds an audit event.
 async fn set_up_context(
     store: &dyn fhirgate::store::Store,
@@ -735,25 +672,6 @@ fn percentile_ms(sorted_us: &[u32], percent: f64) -> Option<f64> {
     let rank = (percent / 100.0 * sorted_us.len() as f64).ceil() as usize;
     let index = rank.clamp(1, sorted_us.len()) - 1;
     Some(f64::from(sorted_us[index]) / 1000.0)
-}
-
-/// Resets the kernel's peak-RSS counter (VmHWM) to the current RSS; false when not allowed.
-fn reset_peak_rss() -> bool {
-    std::fs::write("/proc/self/clear_refs", "5").is_ok()
-}
-
-/// VmHWM from /proc/self/status, in MiB.
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line
-        .trim_start_matches("VmHWM:")
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib / 1024.0)
 }
 
 #[derive(serde::Serialize)]
