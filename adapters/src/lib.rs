@@ -11,6 +11,8 @@
 pub mod adapter;
 pub mod audit;
 pub mod client;
+#[cfg(feature = "conformance")]
+pub mod conformance;
 pub mod error;
 pub mod registry;
 pub mod vendors;
