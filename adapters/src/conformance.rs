@@ -26,7 +26,7 @@ use fhirgate_mappings::{coverage, patient, Profile, Profiles};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-pub use fhirgate_ehr_sim::{Personality, SimConfig, Simulator};
+pub use fhirgate_ehr_sim::{Personality, SimConfig, SimCredential, Simulator};
 
 use crate::audit::{AuditUnavailable, OutboundAction, OutboundAudit, OutboundCall};
 use crate::{
@@ -141,9 +141,9 @@ pub struct Kit {
 }
 
 impl Kit {
-    /// Starts a [`sim_config`] simulator of `personality` and builds its adapter.
-    pub async fn start(personality: Personality) -> Kit {
-        Self::start_with(sim_config(personality), |_| {}).await
+    /// Starts a simulator from `config` (see [`sim_config`]) and builds its adapter.
+    pub async fn start(config: SimConfig) -> Kit {
+        Self::start_with(config, |_| {}).await
     }
 
     /// Starts a simulator from `config` and builds the adapter of [`connection_for`] it, after
@@ -254,7 +254,7 @@ fn lu_of(resource: &Value) -> String {
 /// with the call that met the 401 still succeeding. Every token request and FHIR call is
 /// audited.
 pub async fn check_auth(personality: Personality) {
-    let kit = Kit::start(personality).await;
+    let kit = Kit::start(sim_config(personality)).await;
     let id = kit.sim.patient_ids()[0].clone();
     for _ in 0..3 {
         kit.adapter.patient(&id).await.expect("a patient read");
@@ -285,7 +285,7 @@ pub async fn check_auth(personality: Personality) {
 
 /// Paging: `patients_changed_since(None)` returns every simulator patient exactly once.
 pub async fn check_paging(personality: Personality) {
-    let kit = Kit::start(personality).await;
+    let kit = Kit::start(sim_config(personality)).await;
     let (resources, watermark) = kit.changed_since(None).await;
     let got = ids(&resources);
     let distinct: BTreeSet<&String> = got.iter().collect();
@@ -299,7 +299,7 @@ pub async fn check_paging(personality: Personality) {
 /// Changed-since: after `touch(k)`, a listing from the previous watermark returns exactly the
 /// touched patients (Epic: through its Group export), with their new telecom.
 pub async fn check_changed_since(personality: Personality) {
-    let kit = Kit::start(personality).await;
+    let kit = Kit::start(sim_config(personality)).await;
     let (_, watermark) = kit.changed_since(None).await;
     let watermark = watermark.expect("a watermark after a full listing");
     let (nothing, same) = kit.changed_since(Some(&watermark)).await;
@@ -328,7 +328,7 @@ pub async fn check_changed_since(personality: Personality) {
 
 /// Patient read, and an unknown id is `NotFound`.
 pub async fn check_read(personality: Personality) {
-    let kit = Kit::start(personality).await;
+    let kit = Kit::start(sim_config(personality)).await;
     for id in kit.sim.patient_ids().iter().take(3) {
         let patient = kit.adapter.patient(id).await.expect("a patient read");
         assert_eq!(Some(patient), kit.sim.patient(id), "the patient as served");
@@ -342,7 +342,7 @@ pub async fn check_read(personality: Personality) {
 
 /// `coverage_for` returns each patient's coverages, none for a patient without any.
 pub async fn check_coverage(personality: Personality) {
-    let kit = Kit::start(personality).await;
+    let kit = Kit::start(sim_config(personality)).await;
     let mut seen = 0;
     for id in kit.sim.patient_ids() {
         let got = kit.adapter.coverage_for(&id).await.expect("coverage_for");
@@ -357,7 +357,7 @@ pub async fn check_coverage(personality: Personality) {
 /// Bulk export of Patient and Coverage with `_since`: kick-off, polls, every file downloaded;
 /// exactly the patients changed after `_since` and their coverages.
 pub async fn check_bulk_export(personality: Personality) {
-    let kit = Kit::start(personality).await;
+    let kit = Kit::start(sim_config(personality)).await;
     let all = kit.sim.patient_ids();
     let middle = kit.sim.patient(&all[all.len() / 2]).expect("a patient");
     let since = lu_of(&middle);
@@ -391,7 +391,7 @@ pub async fn check_bulk_export(personality: Personality) {
 /// Retries: 503s then success is one successful call; a 429 with `Retry-After: 1` is waited
 /// for (at least a second) and then succeeds.
 pub async fn check_retry(personality: Personality) {
-    let kit = Kit::start(personality).await;
+    let kit = Kit::start(sim_config(personality)).await;
     let id = kit.sim.patient_ids()[0].clone();
     kit.adapter.patient(&id).await.expect("a first read");
     let controls = kit.sim.controls();
@@ -428,7 +428,7 @@ pub async fn check_retry(personality: Personality) {
 /// Circuit breaker: at failure rate 1.0 it opens, then fails fast without reaching the
 /// simulator, then after its cool-down one probe closes it once the EHR is healthy again.
 pub async fn check_breaker(personality: Personality) {
-    let kit = Kit::start(personality).await;
+    let kit = Kit::start(sim_config(personality)).await;
     let id = kit.sim.patient_ids()[0].clone();
     kit.adapter.patient(&id).await.expect("a first read");
     let controls = kit.sim.controls();
@@ -459,7 +459,7 @@ pub async fn check_breaker(personality: Personality) {
 /// Claim-status push: a duplicate of the same update (as a retry sends) is applied once; a new
 /// update of the same claim is applied after it.
 pub async fn check_claim_push(personality: Personality) {
-    let kit = Kit::start(personality).await;
+    let kit = Kit::start(sim_config(personality)).await;
     let patient = kit.sim.patient_ids()[0].clone();
     let update = ClaimStatusUpdate {
         claim_id: "kit-claim-1".into(),
@@ -502,7 +502,7 @@ pub fn map_coverage(resource: Value, profile: &Profile) -> Result<(), AdapterErr
 /// Mapping: every Patient and Coverage the adapter returns (listing, reads, coverage searches,
 /// export files) maps with the vendor's profile, with zero failures.
 pub async fn check_mapping(personality: Personality) {
-    let kit = Kit::start(personality).await;
+    let kit = Kit::start(sim_config(personality)).await;
     let mut failures = Vec::new();
     let (patients, _) = kit.changed_since(None).await;
     let mut coverages = Vec::new();

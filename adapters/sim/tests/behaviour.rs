@@ -823,3 +823,43 @@ fn a_public_key_credential_that_is_not_a_key_fails_start() {
     c.credential = SimCredential::PublicKeyPem("not a key".into());
     assert!(Simulator::start(c).is_err());
 }
+
+/// RFC 6749 section 2.3.1: the client id and secret are form-urlencoded before Basic encoding,
+/// so a `:` or `+` in either survives; the raw (unencoded) form of such a secret is refused.
+#[tokio::test]
+async fn basic_client_credentials_are_form_urlencoded_per_rfc_6749() {
+    use base64::Engine as _;
+    let mut c = SimConfig::new(Personality::Cerner);
+    c.patients = 1;
+    c.client_id = "sim:cerner account".into();
+    c.credential = SimCredential::ClientSecret("s3cr+t:/x y".into());
+    let sim = Simulator::start(c).unwrap();
+    let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let basic = |id: &str, secret: &str| {
+        let raw = format!("{id}:{secret}");
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(raw)
+        )
+    };
+    let ask = |authorization: String| {
+        let url = sim.token_url();
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .header("authorization", authorization)
+                .form(&[
+                    ("grant_type", "client_credentials"),
+                    ("scope", "system/Patient.read"),
+                ])
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let encoded = ask(basic(&enc("sim:cerner account"), &enc("s3cr+t:/x y"))).await;
+    assert_eq!(encoded.status(), 200);
+    // Unencoded, the id's ':' splits it early and the '+' would read as a space.
+    let raw = ask(basic("sim:cerner account", "s3cr+t:/x y")).await;
+    oauth_error(raw, 401, "invalid_client").await;
+}
