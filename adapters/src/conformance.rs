@@ -41,12 +41,7 @@ pub const KIT_PAGE_SIZE: u32 = 7;
 
 /// The registry vendor name of a simulator personality.
 pub fn vendor_of(personality: Personality) -> &'static str {
-    match personality {
-        Personality::Epic => "epic",
-        Personality::Cerner => "cerner",
-        Personality::Generic => "generic",
-        Personality::Athena => "athena",
-    }
+    personality.traits().vendor
 }
 
 /// A small, quick simulator of `personality`: [`KIT_PATIENTS`] patients, NDJSON files of 10
@@ -91,7 +86,10 @@ pub fn connection_for(sim: &Simulator) -> Connection {
     set("breaker_cooldown_ms", json!(300));
     set("export_poll_ms", json!(20));
     set("export_timeout_s", json!(30));
-    if personality == Personality::Cerner {
+    // A vendor whose URLs or searches name a tenant gets the simulator's (Cerner's base URL
+    // segment, athenahealth's practice id).
+    let traits = personality.traits();
+    if traits.base_path.contains("{tenant}") || traits.required_param.is_some() {
         set("tenant", json!(sim.tenant()));
     }
     Connection {
@@ -99,7 +97,8 @@ pub fn connection_for(sim: &Simulator) -> Connection {
         vendor: vendor_of(personality).to_owned(),
         fhir_base_url: sim.fhir_base_url(),
         client_id: sim.client_id().to_owned(),
-        token_url: (personality != Personality::Generic).then(|| sim.token_url()),
+        // Discovery is exercised where the vendor's documentation leaves it as the way.
+        token_url: (!traits.discovered_token_url).then(|| sim.token_url()),
         credential,
         scopes: None,
         settings,

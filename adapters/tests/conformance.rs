@@ -8,6 +8,7 @@ use fhirgate_adapters::conformance_suite;
 conformance_suite!(epic, Personality::Epic);
 conformance_suite!(cerner, Personality::Cerner);
 conformance_suite!(generic, Personality::Generic);
+conformance_suite!(athena, Personality::Athena);
 
 /// The adapter form-urlencodes a client id and secret before HTTP Basic (RFC 6749 section
 /// 2.3.1), as the simulator now requires: characters that matter (`:`, `+`, space) survive.

@@ -377,7 +377,10 @@ mod tests {
         assert_eq!(vendors, ["athena", "cerner", "epic", "generic"]);
         for (stem, text) in BUILT_IN {
             let profile = Profile::parse(stem, text).unwrap();
-            assert_eq!(&profile.vendor, stem, "a profile's file is named after its vendor");
+            assert_eq!(
+                &profile.vendor, stem,
+                "a profile's file is named after its vendor"
+            );
         }
     }
 

@@ -27,6 +27,11 @@ pub enum IdStyle {
 /// One personality, as data (SPEC.md's table).
 #[derive(Debug, Clone, Copy)]
 pub struct Traits {
+    /// The adapter registry's name for this vendor.
+    pub vendor: &'static str,
+    /// Clients are expected to discover the token endpoint from the SMART configuration (which
+    /// every personality publishes) rather than configure it.
+    pub discovered_token_url: bool,
     /// The FHIR base path; `{tenant}` is replaced by the simulator's tenant id.
     pub base_path: &'static str,
     pub token_path: &'static str,
@@ -56,6 +61,8 @@ pub struct Traits {
 }
 
 const EPIC: Traits = Traits {
+    vendor: "epic",
+    discovered_token_url: false,
     base_path: "/api/FHIR/R4",
     token_path: "/oauth2/token",
     client_id: "sim-epic-client",
@@ -75,6 +82,8 @@ const EPIC: Traits = Traits {
 };
 
 const CERNER: Traits = Traits {
+    vendor: "cerner",
+    discovered_token_url: false,
     base_path: "/r4/{tenant}",
     token_path: "/tenants/{tenant}/protocols/oauth2/profiles/smart-v1/token",
     client_id: "sim-cerner-system-account",
@@ -94,6 +103,8 @@ const CERNER: Traits = Traits {
 };
 
 const GENERIC: Traits = Traits {
+    vendor: "generic",
+    discovered_token_url: true,
     base_path: "/fhir",
     token_path: "/auth/token",
     client_id: "sim-generic-client",
@@ -119,6 +130,8 @@ const GENERIC: Traits = Traits {
 /// Practice"). The tenant here is the practice id `195900` of athenahealth's preview
 /// environment. Group-level export only.
 const ATHENA: Traits = Traits {
+    vendor: "athena",
+    discovered_token_url: true,
     base_path: "/fhir/r4",
     token_path: "/oauth2/v1/token",
     client_id: "sim-athena-client",
