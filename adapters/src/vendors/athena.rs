@@ -35,7 +35,7 @@
 
 use std::sync::Arc;
 
-use super::{ChangedSince, ExportLevel, SmartAdapter, VendorSpec};
+use super::{ChangedSince, ExportLevel, SearchParams, SmartAdapter, VendorSpec};
 use crate::client::settings::{setting_error, str_setting};
 use crate::{AdapterContext, Connection, EhrAdapter, RegistryError};
 
@@ -61,7 +61,7 @@ fn no_extra_check(_: &Connection) -> Result<(), RegistryError> {
 }
 
 /// `ah-practice=Organization/a-1.Practice-{tenant}`, the tenant being the practice id.
-fn practice_param(connection: &Connection) -> Result<Vec<(String, String)>, RegistryError> {
+fn practice_param(connection: &Connection) -> Result<SearchParams, RegistryError> {
     match str_setting(connection, "tenant")? {
         Some(id) if id.len() <= 20 && id.bytes().all(|b| b.is_ascii_digit()) => Ok(vec![(
             "ah-practice".to_owned(),

@@ -61,8 +61,11 @@ pub struct VendorSpec {
     pub check: fn(&Connection) -> Result<(), RegistryError>,
     /// Query parameters every Patient and Coverage search carries, from the connection's
     /// settings (athenahealth's `ah-practice` tenant); run once by the factory.
-    pub search_params: fn(&Connection) -> Result<Vec<(String, String)>, RegistryError>,
+    pub search_params: fn(&Connection) -> Result<SearchParams, RegistryError>,
 }
+
+/// Query parameters (name, value) added to every search.
+pub type SearchParams = Vec<(String, String)>;
 
 /// A spec's `check` when the vendor has nothing more to check.
 pub fn no_check(_: &Connection) -> Result<(), RegistryError> {
@@ -70,6 +73,6 @@ pub fn no_check(_: &Connection) -> Result<(), RegistryError> {
 }
 
 /// A spec's `search_params` when searches need no extra parameter.
-pub fn no_search_params(_: &Connection) -> Result<Vec<(String, String)>, RegistryError> {
+pub fn no_search_params(_: &Connection) -> Result<SearchParams, RegistryError> {
     Ok(Vec::new())
 }
