@@ -1,5 +1,5 @@
 //! An EHR simulator for fhirgate's adapter tests and `fhirgate sandbox`: one actix-web server
-//! with three personalities (Epic, Cerner, generic SMART R4) speaking the contract in
+//! with four personalities (Epic, Cerner, generic SMART R4, athenahealth) speaking the contract in
 //! `adapters/sim/SPEC.md`, seeded with synthetic patients ([`synthetic`]), with fault knobs and
 //! counters ([`Controls`]). It binds 127.0.0.1 only and runs on the caller's tokio runtime. It
 //! holds no real PHI and logs nothing.

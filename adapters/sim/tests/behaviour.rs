@@ -863,3 +863,46 @@ async fn basic_client_credentials_are_form_urlencoded_per_rfc_6749() {
     let raw = ask(basic("sim:cerner account", "s3cr+t:/x y")).await;
     oauth_error(raw, 401, "invalid_client").await;
 }
+
+/// athenahealth: every search names the practice (`ah-practice`), kept across pages; a missing
+/// or foreign practice is 400.
+#[tokio::test]
+async fn athena_searches_need_the_practice_and_keep_it_across_pages() {
+    let mut c = SimConfig::new(Personality::Athena);
+    c.patients = 5;
+    c.page_size = 2;
+    let sim = Simulator::start(c).unwrap();
+    assert_eq!(sim.tenant(), "195900");
+    let t = token(&sim).await;
+    let base = sim.fhir_base_url();
+    assert!(base.ends_with("/fhir/r4"));
+    let practice = "ah-practice=Organization%2Fa-1.Practice-195900";
+    assert_eq!(
+        get(&format!("{base}/Patient?_count=2"), &t).await.status(),
+        400
+    );
+    let foreign = "ah-practice=Organization%2Fa-1.Practice-1";
+    assert_eq!(
+        get(&format!("{base}/Patient?{foreign}"), &t).await.status(),
+        400
+    );
+    let id = &sim.patient_ids()[0];
+    let coverage = get(&format!("{base}/Coverage?patient={id}"), &t).await;
+    assert_eq!(coverage.status(), 400);
+    let mut url = Some(format!("{base}/Patient?{practice}&_sort=_lastUpdated"));
+    let mut seen = 0;
+    while let Some(u) = url {
+        let res = get(&u, &t).await;
+        assert_eq!(res.status(), 200);
+        let bundle: Value = res.json().await.unwrap();
+        seen += bundle["entry"].as_array().map_or(0, Vec::len);
+        url = bundle["link"]
+            .as_array()
+            .and_then(|l| l.iter().find(|l| l["relation"] == "next"))
+            .and_then(|l| l["url"].as_str())
+            .map(str::to_owned);
+    }
+    assert_eq!(seen, 5);
+    let coverage = get(&format!("{base}/Coverage?patient={id}&{practice}"), &t).await;
+    assert_eq!(coverage.status(), 200);
+}
