@@ -119,6 +119,7 @@ impl Registry {
             .register("epic", crate::vendors::epic::factory)
             .register("cerner", crate::vendors::cerner::factory)
             .register("generic", crate::vendors::generic::factory)
+            .register("athena", crate::vendors::athena::factory)
     }
 
     /// Adds (or replaces) a vendor's factory.
@@ -222,11 +223,11 @@ mod tests {
     }
 
     #[test]
-    fn the_built_in_registry_knows_the_three_shipped_vendors() {
+    fn the_built_in_registry_knows_the_shipped_vendors() {
         let registry = Registry::built_in();
         assert_eq!(
             registry.vendors().collect::<Vec<_>>(),
-            ["cerner", "epic", "generic"]
+            ["athena", "cerner", "epic", "generic"]
         );
     }
 

@@ -7,12 +7,14 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-/// The profiles shipped with the gateway, by vendor.
-pub const BUILT_IN: &[(&str, &str)] = &[
-    ("generic", include_str!("../profiles/generic.toml")),
-    ("epic", include_str!("../profiles/epic.toml")),
-    ("cerner", include_str!("../profiles/cerner.toml")),
-];
+/// The profiles shipped with the gateway, by vendor: every `mappings/profiles/*.toml`, found by
+/// `build.rs` (adding a vendor's profile is adding its file), sorted by file name.
+pub const BUILT_IN: &[(&str, &str)] = include!(concat!(env!("OUT_DIR"), "/built_in_profiles.rs"));
+
+/// The text of a built-in profile.
+pub fn built_in_text(vendor: &str) -> Option<&'static str> {
+    BUILT_IN.iter().find(|(v, _)| *v == vendor).map(|(_, t)| *t)
+}
 
 /// The coded elements a profile may translate: the key under `[codes]`, where the code sits, and
 /// the FHIR codes (the element's required value set) a translation may produce.
@@ -364,7 +366,7 @@ mod tests {
     use super::*;
 
     fn generic() -> String {
-        BUILT_IN[0].1.to_owned()
+        built_in_text("generic").unwrap().to_owned()
     }
 
     #[test]
@@ -372,7 +374,14 @@ mod tests {
         let profiles = Profiles::built_in().unwrap();
         let mut vendors: Vec<&str> = profiles.vendors().collect();
         vendors.sort_unstable();
-        assert_eq!(vendors, ["cerner", "epic", "generic"]);
+        assert_eq!(vendors, ["athena", "cerner", "epic", "generic"]);
+        for (stem, text) in BUILT_IN {
+            let profile = Profile::parse(stem, text).unwrap();
+            assert_eq!(
+                &profile.vendor, stem,
+                "a profile's file is named after its vendor"
+            );
+        }
     }
 
     #[test]

@@ -127,7 +127,7 @@ mod tests {
     use serde_json::json;
 
     fn vendor() -> Profile {
-        let text = crate::profile::BUILT_IN[0].1.to_owned()
+        let text = crate::profile::built_in_text("generic").unwrap().to_owned()
             + "\n[codes.birth_sex]\nfemale = \"F\"\n[codes.name_use]\nlegal = \"official\"\n\
                [codes.telecom_system]\ntel = \"phone\"\n[codes.telecom_use]\ncell = \"mobile\"\n\
                [codes.address_use]\nresidence = \"home\"\n[codes.coverage_status]\n\

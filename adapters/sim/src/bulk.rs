@@ -12,7 +12,6 @@ use crate::error::{SimError, FHIR_JSON};
 use crate::fhir::guard;
 use crate::state::{lock, now_ms, read, ExportJob, Shared};
 use crate::synthetic::instant;
-use crate::Personality;
 
 type Query = web::Query<Vec<(String, String)>>;
 
@@ -35,7 +34,7 @@ pub(crate) async fn system_export(
     q: Query,
 ) -> Result<HttpResponse, SimError> {
     guard(&sh, &req)?;
-    if sh.settings.personality != Personality::Generic {
+    if !sh.settings.personality.traits().system_export {
         return Err(SimError::bad(
             "not-supported",
             "system-level $export is not supported; use Group/{id}/$export",

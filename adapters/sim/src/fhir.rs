@@ -14,6 +14,7 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 
 use crate::error::{outcome, SimError, FHIR_JSON};
+use crate::personality::NextLink;
 use crate::state::{
     lock, now_ms, read, AtomicCounters, ClaimUpdate, Malformed, PatientRecord, Shared,
 };
@@ -184,7 +185,7 @@ fn parse_filter(
             "gender" => f.gender = Some(v.clone()),
             // Epic does not support _lastUpdated on Patient: it is ignored beside its required
             // parameters and refused alone (below).
-            "_lastUpdated" if p == Personality::Epic => {}
+            "_lastUpdated" if !p.traits().last_updated => {}
             "_lastUpdated" => {
                 let bad =
                     || SimError::bad("invalid", "_lastUpdated must be [gt|ge|lt|le]<instant>");
@@ -215,7 +216,7 @@ fn parse_filter(
                 }
                 count = Some(n);
             }
-            "_sort" if p == Personality::Generic && v != "_lastUpdated" => {
+            "_sort" if p.traits().sort && v != "_lastUpdated" => {
                 return Err(SimError::bad(
                     "not-supported",
                     "only _sort=_lastUpdated is supported",
@@ -224,7 +225,7 @@ fn parse_filter(
             _ => {}
         }
     }
-    if p == Personality::Epic
+    if p.traits().identifying_params_required
         && f.id.is_none()
         && f.identifier.is_none()
         && !(f.family.is_some() && f.birthdate.is_some())
@@ -258,11 +259,28 @@ fn decode_token(s: &str) -> Result<PageToken, SimError> {
     serde_json::from_slice(&bytes).map_err(|_| bad())
 }
 
-fn max_count(p: Personality) -> usize {
-    match p {
-        Personality::Cerner => 200,
-        _ => 1000,
+/// The search parameter the personality requires on every search (athenahealth's
+/// `ah-practice`), with the tenant's value: 400 when missing or naming another tenant.
+fn require_param(sh: &Shared, query: &[(String, String)]) -> Result<(), SimError> {
+    let Some((name, value)) = sh.settings.personality.traits().required_param else {
+        return Ok(());
+    };
+    let expected = value.replace("{tenant}", &sh.settings.tenant);
+    match query.iter().find(|(k, _)| k == name) {
+        Some((_, v)) if *v == expected => Ok(()),
+        Some(_) => Err(SimError::bad(
+            "invalid",
+            "the practice named by the search is not this client's",
+        )),
+        None => Err(SimError::bad(
+            "required",
+            format!("Required search parameter missing from request: {name}"),
+        )),
     }
+}
+
+fn max_count(p: Personality) -> usize {
+    p.traits().max_count
 }
 
 fn full_url(sh: &Shared, req: &HttpRequest) -> String {
@@ -315,6 +333,7 @@ fn run_search(
         Some(t) => (t.q, Some((t.a, t.c))),
         None => (q.to_vec(), None),
     };
+    require_param(sh, &query)?;
     let (filter, count) = parse_filter(p, &query)?;
     let count = after
         .as_ref()
@@ -353,9 +372,11 @@ fn run_search(
                 c: count,
             });
             let base = sh.settings.base_url();
-            Some(match p {
-                Personality::Generic => format!("{base}?_getpages={tok}&_bundletype=searchset"),
-                _ => format!("{base}/Patient?-pageContext={tok}&-pageDirection=NEXT"),
+            Some(match p.traits().next_link {
+                NextLink::GetPages => format!("{base}?_getpages={tok}&_bundletype=searchset"),
+                NextLink::PageContext => {
+                    format!("{base}/Patient?-pageContext={tok}&-pageDirection=NEXT")
+                }
             })
         }
         _ => None,
@@ -434,6 +455,7 @@ pub(crate) async fn search_coverage(
     q: Query,
 ) -> Result<HttpResponse, SimError> {
     guard(&sh, &req)?;
+    require_param(&sh, &q)?;
     let who = q
         .iter()
         .find(|(k, _)| k == "patient" || k == "beneficiary")
@@ -599,7 +621,7 @@ pub(crate) async fn read_claim_response(
 /// `GET {base}/.well-known/smart-configuration` (no token needed).
 pub(crate) async fn smart_configuration(sh: web::Data<Shared>) -> HttpResponse {
     let secret = matches!(sh.verifier, crate::token::ClientVerifier::Secret(_));
-    let v2 = sh.settings.personality == Personality::Generic;
+    let v2 = sh.settings.personality.traits().v2_scopes;
     HttpResponse::Ok().json(json!({
         "token_endpoint": sh.settings.token_url(),
         "grant_types_supported": ["client_credentials"],

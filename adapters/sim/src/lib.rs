@@ -1,5 +1,5 @@
 //! An EHR simulator for fhirgate's adapter tests and `fhirgate sandbox`: one actix-web server
-//! with three personalities (Epic, Cerner, generic SMART R4) speaking the contract in
+//! with four personalities (Epic, Cerner, generic SMART R4, athenahealth) speaking the contract in
 //! `adapters/sim/SPEC.md`, seeded with synthetic patients ([`synthetic`]), with fault knobs and
 //! counters ([`Controls`]). It binds 127.0.0.1 only and runs on the caller's tokio runtime. It
 //! holds no real PHI and logs nothing.
@@ -8,6 +8,7 @@ mod bulk;
 mod error;
 mod fhir;
 pub mod keys;
+pub mod personality;
 mod state;
 pub mod synthetic;
 mod token;
@@ -31,6 +32,8 @@ pub enum Personality {
     Epic,
     Cerner,
     Generic,
+    /// athenahealth's FHIR R4 API (see [`personality`] for what differs).
+    Athena,
 }
 
 /// How the client authenticates at the token endpoint.
@@ -77,20 +80,17 @@ impl SimConfig {
     /// lifetime 3600 s (Epic), 570 s (Cerner), 300 s (generic); Cerner gets a client secret,
     /// Epic and generic a fresh ES384 key pair (in `client_key`).
     pub fn new(personality: Personality) -> Self {
-        let (client_id, ttl) = match personality {
-            Personality::Epic => ("sim-epic-client", 3600),
-            Personality::Cerner => ("sim-cerner-system-account", 570),
-            Personality::Generic => ("sim-generic-client", 300),
-        };
-        let (credential, client_key) = match personality {
-            Personality::Cerner => (
+        let traits = personality.traits();
+        let (client_id, ttl) = (traits.client_id, traits.token_ttl_s);
+        let (credential, client_key) = match traits.client_secret {
+            true => (
                 SimCredential::ClientSecret(format!(
                     "sim-secret-{}",
                     uuid::Uuid::new_v4().simple()
                 )),
                 None,
             ),
-            _ => match keys::generate(SigningAlg::ES384) {
+            false => match keys::generate(SigningAlg::ES384) {
                 Ok(k) => (SimCredential::PublicKeyPem(k.public_pem.clone()), Some(k)),
                 // Key generation failing leaves a credential no assertion can match.
                 Err(_) => (SimCredential::PublicKeyPem(String::new()), None),
@@ -134,17 +134,13 @@ impl Simulator {
         let listener = TcpListener::bind(("127.0.0.1", config.port.unwrap_or(0)))?;
         let origin = format!("http://127.0.0.1:{}", listener.local_addr()?.port());
         let mut seeded = fastrand::Rng::with_seed(config.seed);
-        let tenant = uuid::Builder::from_random_bytes(seeded.u128(..).to_le_bytes())
+        let traits = config.personality.traits();
+        let drawn = uuid::Builder::from_random_bytes(seeded.u128(..).to_le_bytes())
             .into_uuid()
             .to_string();
-        let (base_path, token_path) = match config.personality {
-            Personality::Epic => ("/api/FHIR/R4".to_string(), "/oauth2/token".to_string()),
-            Personality::Cerner => (
-                format!("/r4/{tenant}"),
-                format!("/tenants/{tenant}/protocols/oauth2/profiles/smart-v1/token"),
-            ),
-            Personality::Generic => ("/fhir".to_string(), "/auth/token".to_string()),
-        };
+        let tenant = traits.tenant.map(str::to_owned).unwrap_or(drawn);
+        let base_path = traits.base_path.replace("{tenant}", &tenant);
+        let token_path = traits.token_path.replace("{tenant}", &tenant);
         let settings = Settings {
             personality: config.personality,
             client_id: config.client_id,

@@ -6,6 +6,7 @@
 
 use serde_json::{json, Value};
 
+use crate::personality::IdStyle;
 use crate::Personality;
 
 const GIVEN_F: &[&str] = &[
@@ -66,11 +67,7 @@ pub const SYNTHETIC_TAG_SYSTEM: &str = "urn:fhirgate:sim";
 impl Personality {
     /// The identifier system that carries the MRN at this vendor.
     pub fn mrn_system(self) -> &'static str {
-        match self {
-            Personality::Epic => "urn:oid:1.2.840.114350.1.13.0.1.7.5.737384.14",
-            Personality::Cerner => "urn:oid:2.16.840.1.113883.6.1000",
-            Personality::Generic => "http://example.org/fhir/mrn",
-        }
+        self.traits().mrn_system
     }
 }
 
@@ -102,15 +99,15 @@ fn tag() -> Value {
 }
 
 fn patient_id(personality: Personality, rng: &mut fastrand::Rng, index: usize) -> String {
-    match personality {
+    match personality.traits().id_style {
         // Epic FHIR ids are long opaque strings; the index suffix keeps them unique.
-        Personality::Epic => {
+        IdStyle::Opaque => {
             let body: String = (0..20).map(|_| rng.alphanumeric()).collect();
             format!("e{body}{index:x}")
         }
         // Millennium ids are numeric.
-        Personality::Cerner => (12_724_066 + index).to_string(),
-        Personality::Generic => format!("sim-{index:06}"),
+        IdStyle::Numeric => (12_724_066 + index).to_string(),
+        IdStyle::Prefixed(prefix) => format!("{prefix}{index:06}"),
     }
 }
 

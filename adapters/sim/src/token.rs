@@ -153,7 +153,17 @@ fn verify_basic(sh: &Shared, req: &HttpRequest) -> Result<(), OAuthError> {
         .decode(value.trim())
         .map_err(|_| refused())?;
     let decoded = String::from_utf8(decoded).map_err(|_| refused())?;
+    // RFC 6749 section 2.3.1: the client id and secret are form-urlencoded before they are
+    // joined with ':' and base64-encoded, so a ':' in either arrives as %3A.
     let (id, secret) = decoded.split_once(':').ok_or_else(refused)?;
+    let form_decode = |s: &str| -> String {
+        form_urlencoded::parse(format!("x={s}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default()
+    };
+    let (id, secret) = (form_decode(id), form_decode(secret));
+    let (id, secret) = (id.as_str(), secret.as_str());
     let id_ok = sha256(id.as_bytes()).ct_eq(&sha256(sh.settings.client_id.as_bytes()));
     let secret_ok = sha256(secret.as_bytes()).ct_eq(expected);
     if bool::from(id_ok & secret_ok) {
@@ -170,7 +180,7 @@ fn check_scope(sh: &Shared, scope: Option<&String>) -> Result<String, OAuthError
         .map(|s| s.trim())
         .filter(|s| !s.is_empty())
         .ok_or_else(|| OAuthError::new("invalid_scope", "scope is required"))?;
-    let v2_ok = sh.settings.personality == crate::Personality::Generic;
+    let v2_ok = sh.settings.personality.traits().v2_scopes;
     for s in scope.split_whitespace() {
         let ok = s
             .strip_prefix("system/")

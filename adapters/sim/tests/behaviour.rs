@@ -823,3 +823,86 @@ fn a_public_key_credential_that_is_not_a_key_fails_start() {
     c.credential = SimCredential::PublicKeyPem("not a key".into());
     assert!(Simulator::start(c).is_err());
 }
+
+/// RFC 6749 section 2.3.1: the client id and secret are form-urlencoded before Basic encoding,
+/// so a `:` or `+` in either survives; the raw (unencoded) form of such a secret is refused.
+#[tokio::test]
+async fn basic_client_credentials_are_form_urlencoded_per_rfc_6749() {
+    use base64::Engine as _;
+    let mut c = SimConfig::new(Personality::Cerner);
+    c.patients = 1;
+    c.client_id = "sim:cerner account".into();
+    c.credential = SimCredential::ClientSecret("s3cr+t:/x y".into());
+    let sim = Simulator::start(c).unwrap();
+    let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let basic = |id: &str, secret: &str| {
+        let raw = format!("{id}:{secret}");
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(raw)
+        )
+    };
+    let ask = |authorization: String| {
+        let url = sim.token_url();
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .header("authorization", authorization)
+                .form(&[
+                    ("grant_type", "client_credentials"),
+                    ("scope", "system/Patient.read"),
+                ])
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let encoded = ask(basic(&enc("sim:cerner account"), &enc("s3cr+t:/x y"))).await;
+    assert_eq!(encoded.status(), 200);
+    // Unencoded, the id's ':' splits it early and the '+' would read as a space.
+    let raw = ask(basic("sim:cerner account", "s3cr+t:/x y")).await;
+    oauth_error(raw, 401, "invalid_client").await;
+}
+
+/// athenahealth: every search names the practice (`ah-practice`), kept across pages; a missing
+/// or foreign practice is 400.
+#[tokio::test]
+async fn athena_searches_need_the_practice_and_keep_it_across_pages() {
+    let mut c = SimConfig::new(Personality::Athena);
+    c.patients = 5;
+    c.page_size = 2;
+    let sim = Simulator::start(c).unwrap();
+    assert_eq!(sim.tenant(), "195900");
+    let t = token(&sim).await;
+    let base = sim.fhir_base_url();
+    assert!(base.ends_with("/fhir/r4"));
+    let practice = "ah-practice=Organization%2Fa-1.Practice-195900";
+    assert_eq!(
+        get(&format!("{base}/Patient?_count=2"), &t).await.status(),
+        400
+    );
+    let foreign = "ah-practice=Organization%2Fa-1.Practice-1";
+    assert_eq!(
+        get(&format!("{base}/Patient?{foreign}"), &t).await.status(),
+        400
+    );
+    let id = &sim.patient_ids()[0];
+    let coverage = get(&format!("{base}/Coverage?patient={id}"), &t).await;
+    assert_eq!(coverage.status(), 400);
+    let mut url = Some(format!("{base}/Patient?{practice}&_sort=_lastUpdated"));
+    let mut seen = 0;
+    while let Some(u) = url {
+        let res = get(&u, &t).await;
+        assert_eq!(res.status(), 200);
+        let bundle: Value = res.json().await.unwrap();
+        seen += bundle["entry"].as_array().map_or(0, Vec::len);
+        url = bundle["link"]
+            .as_array()
+            .and_then(|l| l.iter().find(|l| l["relation"] == "next"))
+            .and_then(|l| l["url"].as_str())
+            .map(str::to_owned);
+    }
+    assert_eq!(seen, 5);
+    let coverage = get(&format!("{base}/Coverage?patient={id}&{practice}"), &t).await;
+    assert_eq!(coverage.status(), 200);
+}

@@ -28,7 +28,7 @@
 
 use std::sync::Arc;
 
-use super::{ChangedSince, ExportLevel, SmartAdapter, VendorSpec};
+use super::{no_search_params, ChangedSince, ExportLevel, SmartAdapter, VendorSpec};
 use crate::client::settings::{setting_error, str_setting};
 use crate::{AdapterContext, Connection, EhrAdapter, RegistryError};
 
@@ -46,6 +46,7 @@ pub const SPEC: VendorSpec = VendorSpec {
     max_page_size: 200,
     group_required: false,
     check: check_tenant,
+    search_params: no_search_params,
 };
 
 /// The base URL ends in a tenant id, equal to the `tenant` setting when given.

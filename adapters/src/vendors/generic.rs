@@ -16,7 +16,7 @@
 
 use std::sync::Arc;
 
-use super::{no_check, ChangedSince, ExportLevel, SmartAdapter, VendorSpec};
+use super::{no_check, no_search_params, ChangedSince, ExportLevel, SmartAdapter, VendorSpec};
 use crate::{AdapterContext, Connection, EhrAdapter, RegistryError};
 
 pub const SPEC: VendorSpec = VendorSpec {
@@ -34,6 +34,7 @@ pub const SPEC: VendorSpec = VendorSpec {
     max_page_size: 1000,
     group_required: false,
     check: no_check,
+    search_params: no_search_params,
 };
 
 pub fn factory(

@@ -6,6 +6,7 @@
 //!
 //! Never logs; errors never quote ids, bodies or URLs.
 
+pub mod athena;
 pub mod cerner;
 pub mod epic;
 pub mod generic;
@@ -58,9 +59,20 @@ pub struct VendorSpec {
     pub group_required: bool,
     /// A vendor's own settings check, run by the factory.
     pub check: fn(&Connection) -> Result<(), RegistryError>,
+    /// Query parameters every Patient and Coverage search carries, from the connection's
+    /// settings (athenahealth's `ah-practice` tenant); run once by the factory.
+    pub search_params: fn(&Connection) -> Result<SearchParams, RegistryError>,
 }
+
+/// Query parameters (name, value) added to every search.
+pub type SearchParams = Vec<(String, String)>;
 
 /// A spec's `check` when the vendor has nothing more to check.
 pub fn no_check(_: &Connection) -> Result<(), RegistryError> {
     Ok(())
+}
+
+/// A spec's `search_params` when searches need no extra parameter.
+pub fn no_search_params(_: &Connection) -> Result<SearchParams, RegistryError> {
+    Ok(Vec::new())
 }

@@ -42,6 +42,8 @@ pub struct SmartAdapter {
     client: EhrClient,
     page_size: u32,
     group_id: Option<String>,
+    /// The spec's `search_params` for this connection.
+    search_params: Vec<(String, String)>,
     export_poll: Duration,
     export_timeout: Duration,
 }
@@ -94,6 +96,7 @@ impl SmartAdapter {
             None => None,
         };
         (spec.check)(connection)?;
+        let search_params = (spec.search_params)(connection)?;
         let export_poll =
             Duration::from_millis(u64_setting(connection, "export_poll_ms")?.unwrap_or(2_000));
         let export_timeout =
@@ -103,6 +106,7 @@ impl SmartAdapter {
             client: EhrClient::new(connection, spec.default_scopes, context)?,
             page_size,
             group_id,
+            search_params,
             export_poll,
             export_timeout,
         })
@@ -130,6 +134,7 @@ impl SmartAdapter {
                 query.append_pair("_sort", "_lastUpdated");
             }
             query.append_pair("_count", &self.page_size.to_string());
+            query.extend_pairs(&self.search_params);
         }
         search_pages(&self.client, url, "Patient", since)
     }
@@ -400,7 +405,8 @@ impl EhrAdapter for SmartAdapter {
         let mut url = self.client.url(&["Coverage"]);
         url.query_pairs_mut()
             .append_pair("patient", patient_id)
-            .append_pair("_count", &self.page_size.to_string());
+            .append_pair("_count", &self.page_size.to_string())
+            .extend_pairs(&self.search_params);
         let mut pages = search_pages(&self.client, url, "Coverage", None);
         let mut coverages = Vec::new();
         while let Some(page) = pages.next().await {
