@@ -26,7 +26,7 @@
 //! and its CPUs; peak RSS is the whole process's (server, client, and the latency samples at four
 //! bytes a request).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::str::FromStr;
 use std::sync::Arc;

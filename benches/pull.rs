@@ -1,11 +1,11 @@
 //! Pull benchmark: one full pull of `BENCH_PULL_PATIENTS` (default 10,000) synthetic patients
-//! from each EHR simulator (Epic through its Group Bulk export, Cerner and generic through
-//! paged `_lastUpdated` search) through the real adapters (OAuth, rate limiter, retries,
+//! from each EHR simulator (Epic through its Group Bulk export, Cerner, generic and athenahealth
+//! through paged `_lastUpdated` search) through the real adapters (OAuth, rate limiter, retries,
 //! audit of every outbound call), mapped with each vendor's profile and stored sealed and
 //! indexed in a fresh database, one transaction per page with its audit events.
 //!
 //! ```text
-//! cargo bench --bench pull                    # epic, cerner, generic on SQLite
+//! cargo bench --bench pull                    # epic, cerner, generic, athena on SQLite
 //! cargo bench --bench pull -- cerner          # one vendor
 //! FHIRGATE_BENCH_DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres cargo bench --bench pull
 //! ```
@@ -52,6 +52,7 @@ fn main() -> ExitCode {
         ("epic", Personality::Epic),
         ("cerner", Personality::Cerner),
         ("generic", Personality::Generic),
+        ("athena", Personality::Athena),
     ]
     .into_iter()
     .filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str())))
@@ -108,9 +109,11 @@ async fn run(patients: usize, coverage: bool, vendors: Vec<(&str, Personality)>)
         config.patients = patients;
         let sim = Simulator::start(config).expect("the simulator starts");
         let mut spec = fhirgate::cli::sandbox_spec(&sim, &practice).expect("a credential");
-        if personality != Personality::Epic {
-            // The largest page each search API serves (Cerner caps _count at 200).
-            spec.settings.insert("page_size".into(), json!(200));
+        let traits = personality.traits();
+        if traits.last_updated {
+            // The largest page each search API serves, up to 200 (Cerner's cap).
+            spec.settings
+                .insert("page_size".into(), json!(traits.max_count.min(200)));
         }
         let info = connections
             .add(spec)

@@ -1,5 +1,5 @@
 //! `fhirgate sandbox`: try a full pull locally. Starts EHR simulators (Epic, Cerner, generic
-//! SMART R4: `adapters/sim`) serving synthetic patients (no real PHI), adds a connection to
+//! SMART R4, athenahealth: `adapters/sim`) serving synthetic patients (no real PHI), adds a connection to
 //! each for a sandbox practice (through the same checks as `connections add`), pulls every
 //! patient through the real adapters into the configured database, prints one JSON line per
 //! connection and per pull, then keeps the simulators running until Ctrl-C (`--once` stops
@@ -21,7 +21,7 @@ use crate::sync::{pull, AuditedCalls, ConnectionSpec, Connections, PullOptions, 
 
 #[derive(Debug, Args)]
 pub struct SandboxArgs {
-    /// Simulators to start: epic, cerner, generic (repeat; default all three).
+    /// Simulators to start: epic, cerner, generic, athena (repeat; default all four).
     #[arg(long = "vendor", value_name = "VENDOR")]
     pub vendors: Vec<String>,
     /// Synthetic patients per simulator.
@@ -38,52 +38,52 @@ pub struct SandboxArgs {
     pub once: bool,
 }
 
+const PERSONALITIES: [Personality; 4] = [
+    Personality::Epic,
+    Personality::Cerner,
+    Personality::Generic,
+    Personality::Athena,
+];
+
 fn personality(vendor: &str) -> Result<Personality, CliError> {
-    match vendor {
-        "epic" => Ok(Personality::Epic),
-        "cerner" => Ok(Personality::Cerner),
-        "generic" => Ok(Personality::Generic),
-        other => Err(CliError::Usage(format!(
-            "--vendor: no simulator for `{other}` (epic, cerner, generic)"
-        ))),
-    }
+    PERSONALITIES
+        .into_iter()
+        .find(|p| p.traits().vendor == vendor)
+        .ok_or_else(|| {
+            let known: Vec<&str> = PERSONALITIES.iter().map(|p| p.traits().vendor).collect();
+            CliError::Usage(format!(
+                "--vendor: no simulator for `{vendor}` ({})",
+                known.join(", ")
+            ))
+        })
 }
 
 /// The connection an operator would add for a simulator: its base URL, its client, its key or
-/// secret, the token URL (generic discovers it) and the vendor's settings.
+/// secret, the token URL (unless the vendor expects discovery) and the vendor's settings, all
+/// read from the simulator's personality (no per-vendor code here).
 pub fn sandbox_spec(sim: &Simulator, practice: &ResourceId) -> Option<ConnectionSpec> {
-    let (vendor, credential, token_url, mut settings) = match sim.personality() {
-        Personality::Epic => {
-            let key = sim.client_key()?;
-            let credential = Credential::PrivateKey {
-                pem: key.private_pem.clone(),
-                kid: Some(key.kid.clone()),
-            };
-            let settings = Map::from_iter([("group_id".into(), json!(sim.group_id()))]);
-            ("epic", credential, Some(sim.token_url()), settings)
-        }
-        Personality::Cerner => {
-            let credential = Credential::ClientSecret(sim.client_secret()?.to_owned());
-            let settings = Map::from_iter([("tenant".into(), json!(sim.tenant()))]);
-            ("cerner", credential, Some(sim.token_url()), settings)
-        }
-        Personality::Generic => {
-            let key = sim.client_key()?;
-            let credential = Credential::PrivateKey {
-                pem: key.private_pem.clone(),
-                kid: Some(key.kid.clone()),
-            };
-            ("generic", credential, None, Map::new())
-        }
+    let traits = sim.personality().traits();
+    let credential = match (sim.client_secret(), sim.client_key()) {
+        (Some(secret), _) => Credential::ClientSecret(secret.to_owned()),
+        (None, Some(key)) => Credential::PrivateKey {
+            pem: key.private_pem.clone(),
+            kid: Some(key.kid.clone()),
+        },
+        (None, None) => return None,
     };
+    let mut settings = Map::new();
+    settings.insert("group_id".into(), json!(sim.group_id()));
+    if traits.base_path.contains("{tenant}") || traits.required_param.is_some() {
+        settings.insert("tenant".into(), json!(sim.tenant()));
+    }
     // A local simulator takes more than an EHR's polite default.
     settings.insert("rate_limit_per_second".into(), json!(1000));
     Some(ConnectionSpec {
         practice_id: practice.clone(),
-        vendor: vendor.to_owned(),
+        vendor: traits.vendor.to_owned(),
         base_url: sim.fhir_base_url(),
         client_id: sim.client_id().to_owned(),
-        token_url,
+        token_url: (!traits.discovered_token_url).then(|| sim.token_url()),
         credential,
         scopes: None,
         settings,
@@ -101,7 +101,10 @@ pub async fn run(args: SandboxArgs, settings: Settings) -> Result<(), CliError> 
         ));
     }
     let vendors: Vec<String> = if args.vendors.is_empty() {
-        vec!["epic".into(), "cerner".into(), "generic".into()]
+        PERSONALITIES
+            .iter()
+            .map(|p| p.traits().vendor.to_owned())
+            .collect()
     } else {
         args.vendors.clone()
     };
