@@ -512,6 +512,7 @@ async fn the_capability_statement_lists_exactly_the_served_types_and_parameters(
         [
             "_id",
             "_lastUpdated",
+            "beneficiary",
             "identifier",
             "patient",
             "payor",
