@@ -17,7 +17,7 @@ use crate::sync::{ConnectionError, ConnectionSpec, Connections};
 #[derive(Debug, Subcommand)]
 pub enum ConnectionsCommand {
     /// Add a connection to an EHR; prints it (with its `id`, without secrets) as one JSON line.
-    Add(AddConnection),
+    Add(Box<AddConnection>),
     /// List connections, one JSON line each.
     List {
         #[arg(long)]
