@@ -48,15 +48,11 @@ fn main() -> ExitCode {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let vendors: Vec<(&str, Personality)> = [
-        ("epic", Personality::Epic),
-        ("cerner", Personality::Cerner),
-        ("generic", Personality::Generic),
-        ("athena", Personality::Athena),
-    ]
-    .into_iter()
-    .filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str())))
-    .collect();
+    let vendors: Vec<(&str, Personality)> = Personality::ALL
+        .into_iter()
+        .map(|p| (p.traits().vendor, p))
+        .filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str())))
+        .collect();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -38,19 +38,12 @@ pub struct SandboxArgs {
     pub once: bool,
 }
 
-const PERSONALITIES: [Personality; 4] = [
-    Personality::Epic,
-    Personality::Cerner,
-    Personality::Generic,
-    Personality::Athena,
-];
-
 fn personality(vendor: &str) -> Result<Personality, CliError> {
-    PERSONALITIES
+    Personality::ALL
         .into_iter()
         .find(|p| p.traits().vendor == vendor)
         .ok_or_else(|| {
-            let known: Vec<&str> = PERSONALITIES.iter().map(|p| p.traits().vendor).collect();
+            let known: Vec<&str> = Personality::ALL.iter().map(|p| p.traits().vendor).collect();
             CliError::Usage(format!(
                 "--vendor: no simulator for `{vendor}` ({})",
                 known.join(", ")
@@ -101,7 +94,7 @@ pub async fn run(args: SandboxArgs, settings: Settings) -> Result<(), CliError> 
         ));
     }
     let vendors: Vec<String> = if args.vendors.is_empty() {
-        PERSONALITIES
+        Personality::ALL
             .iter()
             .map(|p| p.traits().vendor.to_owned())
             .collect()

@@ -387,3 +387,41 @@ async fn each_vendor_pull_stores_every_patient_once_and_the_next_pull_only_what_
         }
     }
 }
+
+/// `fhirgate sandbox` as a new user runs it: simulators up, a connection to each, a pull
+/// through the real adapters into the configured database, one JSON line per step.
+#[tokio::test]
+async fn the_sandbox_pulls_every_synthetic_patient_of_each_simulator_it_starts() {
+    let (_db, url) = crate::helpers::TestDb::create().await;
+    let out = run(fhirgate()
+        .args([
+            "sandbox",
+            "--vendor",
+            "cerner",
+            "--vendor",
+            "athena",
+            "--patients",
+            "30",
+            "--once",
+        ])
+        .env("FHIRGATE_DATABASE_URL", url.expose()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let pulls: Vec<&Value> = lines.iter().filter(|l| l.get("pulled").is_some()).collect();
+    assert_eq!(pulls.len(), 2, "{lines:?}");
+    for p in pulls {
+        assert_eq!(p["report"]["created"], 30, "{p}");
+        assert_eq!(p["report"]["failed"], 0, "{p}");
+    }
+    assert!(lines.iter().all(|l| !l.to_string().contains("PRIVATE KEY")));
+
+    let out = run(fhirgate()
+        .args(["sandbox", "--vendor", "meditech", "--once"])
+        .env("FHIRGATE_DATABASE_URL", url.expose()));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--vendor: no simulator for `meditech`"));
+}

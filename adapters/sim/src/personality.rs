@@ -152,6 +152,15 @@ const ATHENA: Traits = Traits {
 };
 
 impl Personality {
+    /// Every personality, so tools (the sandbox, the pull bench) list them without naming each:
+    /// a new one is added here and in [`Personality::traits`] only.
+    pub const ALL: [Personality; 4] = [
+        Personality::Epic,
+        Personality::Cerner,
+        Personality::Generic,
+        Personality::Athena,
+    ];
+
     pub fn traits(self) -> &'static Traits {
         match self {
             Personality::Epic => &EPIC,
