@@ -70,12 +70,11 @@ pub fn connection_for(sim: &Simulator) -> Connection {
         // A simulator started with a caller's public key only: no usable credential here.
         (None, None) => Credential::ClientSecret(String::new()),
     };
-    let mut settings = serde_json::Map::new();
+    let mut settings = sim.vendor_settings();
     let mut set = |key: &str, value: Value| {
         settings.insert(key.to_owned(), value);
     };
     set("page_size", json!(KIT_PAGE_SIZE));
-    set("group_id", json!(sim.group_id()));
     set("max_attempts", json!(3));
     set("retry_base_ms", json!(10));
     set("retry_max_delay_ms", json!(50));
@@ -86,12 +85,7 @@ pub fn connection_for(sim: &Simulator) -> Connection {
     set("breaker_cooldown_ms", json!(300));
     set("export_poll_ms", json!(20));
     set("export_timeout_s", json!(30));
-    // A vendor whose URLs or searches name a tenant gets the simulator's (Cerner's base URL
-    // segment, athenahealth's practice id).
     let traits = personality.traits();
-    if traits.base_path.contains("{tenant}") || traits.required_param.is_some() {
-        set("tenant", json!(sim.tenant()));
-    }
     Connection {
         id: format!("kit-{}", vendor_of(personality)),
         vendor: vendor_of(personality).to_owned(),

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use clap::Args;
 use fhirgate_adapters::{AdapterContext, Credential};
 use fhirgate_ehr_sim::{Personality, SimConfig, Simulator};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use super::{print_json, CliError};
 use crate::config::{Environment, Settings};
@@ -64,11 +64,7 @@ pub fn sandbox_spec(sim: &Simulator, practice: &ResourceId) -> Option<Connection
         },
         (None, None) => return None,
     };
-    let mut settings = Map::new();
-    settings.insert("group_id".into(), json!(sim.group_id()));
-    if traits.base_path.contains("{tenant}") || traits.required_param.is_some() {
-        settings.insert("tenant".into(), json!(sim.tenant()));
-    }
+    let mut settings = sim.vendor_settings();
     // A local simulator takes more than an EHR's polite default.
     settings.insert("rate_limit_per_second".into(), json!(1000));
     Some(ConnectionSpec {

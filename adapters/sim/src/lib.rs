@@ -233,6 +233,19 @@ impl Simulator {
     pub fn tenant(&self) -> &str {
         &self.shared.settings.tenant
     }
+
+    /// The vendor settings a connection to this simulator carries: `group_id` (the Group its
+    /// Bulk export pulls), and `tenant` where the personality's URLs or searches name one
+    /// (Cerner's base URL segment, athenahealth's practice id).
+    pub fn vendor_settings(&self) -> serde_json::Map<String, Value> {
+        let mut settings = serde_json::Map::new();
+        settings.insert("group_id".into(), Value::from(self.group_id()));
+        let traits = self.personality().traits();
+        if traits.base_path.contains("{tenant}") || traits.required_param.is_some() {
+            settings.insert("tenant".into(), Value::from(self.tenant()));
+        }
+        settings
+    }
     pub fn client_id(&self) -> &str {
         &self.shared.settings.client_id
     }
