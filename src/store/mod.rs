@@ -4,6 +4,7 @@
 
 pub(crate) mod connections;
 pub(crate) mod export;
+pub(crate) mod jobs;
 mod migrations;
 mod postgres;
 mod resources;
@@ -25,6 +26,8 @@ pub use export::{
     ExportCursor, ExportEnd, ExportFile, ExportJob, ExportLevel, ExportQuery, ExportScope,
     ExportStatus, ExportStep, ExportStore, NewExportJob, SealedChunk,
 };
+pub(crate) use jobs::JOB_COLUMNS;
+pub use jobs::{JobRun, JobStore, NewJobRun, QuarantineRow, QuarantinedRecord, RunCounts};
 pub use migrations::MigrationStatus;
 pub use postgres::PgStore;
 pub use resources::{
@@ -47,6 +50,17 @@ impl Backend {
             Backend::Postgres => "postgres",
         }
     }
+}
+
+/// How a durable queue stands for one EHR connection (the claim-status outbox, the webhook
+/// inbox, the quarantine): what `/metrics` exports and `/readyz` checks for a stuck queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueStat {
+    pub connection_id: String,
+    /// Rows waiting (pending or being retried; not dead, not done).
+    pub depth: i64,
+    /// When the oldest waiting row was written (`None` when `depth` is 0).
+    pub oldest_pending_at: Option<time::OffsetDateTime>,
 }
 
 /// Connection pool figures for `/metrics`.
@@ -279,6 +293,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// EHR connections (outbound).
     fn connections(&self) -> &dyn ConnectionStore;
+
+    /// Job runs (pulls), the quarantine and pull digests.
+    fn jobs(&self) -> &dyn JobStore;
 
     /// Closes the pool, waiting for connections in use to be returned.
     async fn close(&self);

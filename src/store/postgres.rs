@@ -9,6 +9,7 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use super::connections::shared_connection_sql;
 use super::export::shared_export_sql;
+use super::jobs::shared_job_sql;
 use super::migrations::{MigrationStatus, POSTGRES};
 use super::resources::shared_resource_sql;
 use super::{
@@ -79,6 +80,7 @@ impl PgStore {
 shared_resource_sql!(PgStore, Postgres, sqlx::postgres::PgRow, " FOR UPDATE");
 shared_export_sql!(PgStore, Postgres, sqlx::postgres::PgRow);
 shared_connection_sql!(PgStore, Postgres, sqlx::postgres::PgRow);
+shared_job_sql!(PgStore, Postgres, sqlx::postgres::PgRow);
 
 fn practice_from(row: &PgRow) -> Result<Practice, sqlx::Error> {
     Ok(Practice {
@@ -621,6 +623,10 @@ impl Store for PgStore {
     }
 
     fn connections(&self) -> &dyn super::ConnectionStore {
+        self
+    }
+
+    fn jobs(&self) -> &dyn super::JobStore {
         self
     }
 

@@ -12,6 +12,7 @@ use sqlx::{Row, Sqlite, SqlitePool};
 
 use super::connections::shared_connection_sql;
 use super::export::shared_export_sql;
+use super::jobs::shared_job_sql;
 use super::migrations::{MigrationStatus, SQLITE};
 use super::resources::shared_resource_sql;
 use super::{
@@ -81,6 +82,7 @@ impl SqliteStore {
 shared_resource_sql!(SqliteStore, Sqlite, sqlx::sqlite::SqliteRow, "");
 shared_export_sql!(SqliteStore, Sqlite, sqlx::sqlite::SqliteRow);
 shared_connection_sql!(SqliteStore, Sqlite, sqlx::sqlite::SqliteRow);
+shared_job_sql!(SqliteStore, Sqlite, sqlx::sqlite::SqliteRow);
 
 fn practice_from(row: &SqliteRow) -> Result<Practice, sqlx::Error> {
     Ok(Practice {
@@ -601,6 +603,10 @@ impl Store for SqliteStore {
     }
 
     fn connections(&self) -> &dyn super::ConnectionStore {
+        self
+    }
+
+    fn jobs(&self) -> &dyn super::JobStore {
         self
     }
 

@@ -129,6 +129,27 @@ pub struct Connections {
     cipher: FieldCipher,
     registry: Registry,
     profiles: Arc<Profiles>,
+    /// Adapters built so far, by connection id: an adapter keeps its tokens, rate limiter and
+    /// circuit breaker, so every worker of this instance shares one per connection.
+    adapters: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<dyn EhrAdapter>>>>,
+}
+
+/// A connection ready to be called: its stored row, its adapter (audited into the connection's
+/// practice's chain) and its vendor's mapping profile.
+#[derive(Clone)]
+pub struct OpenedConnection {
+    pub stored: StoredConnection,
+    pub adapter: Arc<dyn EhrAdapter>,
+    profiles: Arc<Profiles>,
+}
+
+impl OpenedConnection {
+    /// The vendor's mapping profile (present: [`Connections::adapter`] checked it).
+    pub fn profile(&self) -> &fhirgate_mappings::Profile {
+        self.profiles
+            .get(&self.stored.vendor)
+            .expect("checked when the connection was opened")
+    }
 }
 
 impl Connections {
@@ -139,7 +160,54 @@ impl Connections {
             cipher: FieldCipher::new(keyring),
             registry: Registry::built_in(),
             profiles,
+            adapters: Arc::default(),
         }
+    }
+
+    /// The connection `id` with its adapter, built on first use and shared afterwards. Outbound
+    /// calls are audited through `log` into the connection's practice's chain.
+    pub async fn adapter(
+        &self,
+        id: &str,
+        log: &crate::audit::AuditLog,
+    ) -> Result<OpenedConnection, ConnectionError> {
+        let stored = self.store.connections().get_connection(id).await?;
+        if self.profiles.get(&stored.vendor).is_none() {
+            return Err(ConnectionError::Invalid {
+                key: "vendor".into(),
+                problem: format!("no mapping profile for `{}`", stored.vendor),
+            });
+        }
+        let cached = self
+            .adapters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(id)
+            .cloned();
+        let adapter = match cached {
+            Some(adapter) => adapter,
+            None => {
+                let (_, connection) = self.open(id).await?;
+                let context = AdapterContext {
+                    audit: Arc::new(super::AuditedCalls::new(
+                        log.clone(),
+                        stored.practice_id.clone(),
+                    )),
+                };
+                let adapter = self.build(&connection, &context)?;
+                self.adapters
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .entry(id.to_owned())
+                    .or_insert(adapter)
+                    .clone()
+            }
+        };
+        Ok(OpenedConnection {
+            stored,
+            adapter,
+            profiles: Arc::clone(&self.profiles),
+        })
     }
 
     /// Replaces the vendor registry (tests, or a build with extra vendors).

@@ -6,6 +6,8 @@ pub mod connections;
 pub mod outbound_audit;
 pub mod pull;
 
-pub use connections::{ConnectionError, ConnectionInfo, ConnectionSpec, Connections};
+pub use connections::{
+    ConnectionError, ConnectionInfo, ConnectionSpec, Connections, OpenedConnection,
+};
 pub use outbound_audit::AuditedCalls;
-pub use pull::{pull, PullError, PullOptions, PullReport, PullTarget};
+pub use pull::{ingest, pull, PullError, PullOptions, PullReport, PullTarget};

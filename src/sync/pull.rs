@@ -103,47 +103,69 @@ pub async fn pull(
     while let Some(page) = pages.next().await {
         let page = page?;
         report.pages += 1;
-        report.received += page.resources.len() as u64;
-        let mut patients = Vec::with_capacity(page.resources.len());
-        for resource in page.resources {
-            match admit(target, profile, "Patient", resource, &HashMap::new()) {
-                Some(admitted) => patients.push(admitted),
-                None => report.failed += 1,
-            }
-        }
-        let mut coverages = Vec::new();
-        if options.coverage {
-            let locals: HashMap<String, String> = patients
-                .iter()
-                .map(|p| {
-                    (
-                        format!("Patient/{}", p.ehr_id),
-                        format!("Patient/{}", p.local_id),
-                    )
-                })
-                .collect();
-            for patient in &patients {
-                for coverage in adapter.coverage_for(&patient.ehr_id).await? {
-                    match admit(target, profile, "Coverage", coverage, &locals) {
-                        Some(admitted) => coverages.push(admitted),
-                        None => report.failed += 1,
-                    }
-                }
-            }
-        }
-        let (created, updated, failed) = write(target, "Patient", patients).await?;
-        report.created += created;
-        report.updated += updated;
-        report.failed += failed;
-        let (c_created, c_updated, c_failed) = write(target, "Coverage", coverages).await?;
-        report.coverages += c_created + c_updated;
-        report.failed += c_failed;
+        ingest(
+            target,
+            adapter,
+            profile,
+            page.resources,
+            options,
+            &mut report,
+        )
+        .await?;
         if page.watermark.is_some() {
             report.watermark = page.watermark;
         }
         progress(&report);
     }
     Ok(report)
+}
+
+/// Maps and writes one batch of the EHR's patients (and their coverages when asked), counting
+/// into `report`: what a pull does with each page, and the webhook worker with one patient.
+pub async fn ingest(
+    target: &PullTarget<'_>,
+    adapter: &dyn EhrAdapter,
+    profile: &Profile,
+    resources: Vec<Value>,
+    options: PullOptions,
+    report: &mut PullReport,
+) -> Result<(), PullError> {
+    report.received += resources.len() as u64;
+    let mut patients = Vec::with_capacity(resources.len());
+    for resource in resources {
+        match admit(target, profile, "Patient", resource, &HashMap::new()) {
+            Some(admitted) => patients.push(admitted),
+            None => report.failed += 1,
+        }
+    }
+    let mut coverages = Vec::new();
+    if options.coverage {
+        let locals: HashMap<String, String> = patients
+            .iter()
+            .map(|p| {
+                (
+                    format!("Patient/{}", p.ehr_id),
+                    format!("Patient/{}", p.local_id),
+                )
+            })
+            .collect();
+        for patient in &patients {
+            for coverage in adapter.coverage_for(&patient.ehr_id).await? {
+                match admit(target, profile, "Coverage", coverage, &locals) {
+                    Some(admitted) => coverages.push(admitted),
+                    None => report.failed += 1,
+                }
+            }
+        }
+    }
+    let (created, updated, failed) = write(target, "Patient", patients).await?;
+    report.created += created;
+    report.updated += updated;
+    report.failed += failed;
+    let (c_created, c_updated, c_failed) = write(target, "Coverage", coverages).await?;
+    report.coverages += c_created + c_updated;
+    report.failed += c_failed;
+    Ok(())
 }
 
 /// A resource that maps, ready to be written under its local id.
