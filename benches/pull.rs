@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use fhirgate::crypto::{Keyring, PhiKeys};
 use fhirgate::domain::{NewPractice, PracticeName, TimeZoneName};
-use fhirgate::sync::{pull, AuditedCalls, Connections, PullOptions, PullTarget};
+use fhirgate::sync::{on_page, pull, AuditedCalls, Connections, PullOptions, PullTarget};
 use fhirgate_adapters::AdapterContext;
 use fhirgate_ehr_sim::{Personality, SimConfig, Simulator};
 use serde_json::json;
@@ -125,6 +125,7 @@ async fn run(patients: usize, coverage: bool, vendors: Vec<(&str, Personality)>)
             vault: &vault,
             practice: &practice,
             connection_id: &info.id,
+            run_id: None,
         };
         let reset = reset_peak_rss();
         let started = Instant::now();
@@ -134,7 +135,7 @@ async fn run(patients: usize, coverage: bool, vendors: Vec<(&str, Personality)>)
             profile,
             None,
             PullOptions { coverage },
-            |_| {},
+            on_page(|_| {}),
         )
         .await;
         let secs = started.elapsed().as_secs_f64();

@@ -17,7 +17,9 @@ use crate::config::{Environment, Settings};
 use crate::domain::{NewPractice, PracticeName, ResourceId, TimeZoneName};
 use crate::startup::{load_profiles, pool_options};
 use crate::store;
-use crate::sync::{pull, AuditedCalls, ConnectionSpec, Connections, PullOptions, PullTarget};
+use crate::sync::{
+    on_page, pull, AuditedCalls, ConnectionSpec, Connections, PullOptions, PullReport, PullTarget,
+};
 
 #[derive(Debug, Args)]
 pub struct SandboxArgs {
@@ -170,18 +172,26 @@ pub async fn run(args: SandboxArgs, settings: Settings) -> Result<(), CliError> 
                 vault: &vault,
                 practice: &practice,
                 connection_id: &info.id,
+                run_id: None,
             };
             let started = std::time::Instant::now();
             let options = PullOptions {
                 coverage: args.coverage,
             };
-            match pull(&target, &*adapter, profile, None, options, |r| {
-                eprint!(
-                    "\rfhirgate: {}: {} patients pulled",
-                    info.vendor,
-                    r.created + r.updated
-                );
-            })
+            match pull(
+                &target,
+                &*adapter,
+                profile,
+                None,
+                options,
+                on_page(|r: &PullReport| {
+                    eprint!(
+                        "\rfhirgate: {}: {} patients pulled",
+                        info.vendor,
+                        r.created + r.updated + r.unchanged
+                    );
+                }),
+            )
             .await
             {
                 Ok(report) => {

@@ -154,6 +154,17 @@ impl PhiVault {
         self.cipher.decrypt(sealed, at.aad().as_bytes())
     }
 
+    /// Seals a value stored outside `resources` (a quarantined record...) under the active key,
+    /// bound to `aad` (see [`crate::crypto::field_aad`]).
+    pub fn seal_field(&self, aad: &str, plaintext: &[u8]) -> Vec<u8> {
+        self.cipher.encrypt(plaintext, aad.as_bytes())
+    }
+
+    /// Opens what [`PhiVault::seal_field`] sealed. Zeroed when dropped.
+    pub fn open_field(&self, aad: &str, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        self.cipher.decrypt(sealed, aad.as_bytes())
+    }
+
     /// Whether a sealed content should be re-sealed under the active key.
     pub fn needs_reseal(&self, sealed: &[u8]) -> Result<bool, CryptoError> {
         self.cipher.needs_reencryption(sealed)

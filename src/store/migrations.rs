@@ -44,6 +44,11 @@ pub(crate) const SQLITE: Embedded = Embedded(&[
         "ehr_connections",
         include_str!("../../migrations/sqlite/0007_ehr_connections.sql"),
     ),
+    (
+        8,
+        "sync_jobs",
+        include_str!("../../migrations/sqlite/0008_sync_jobs.sql"),
+    ),
 ]);
 
 pub(crate) const POSTGRES: Embedded = Embedded(&[
@@ -81,6 +86,11 @@ pub(crate) const POSTGRES: Embedded = Embedded(&[
         7,
         "ehr_connections",
         include_str!("../../migrations/postgres/0007_ehr_connections.sql"),
+    ),
+    (
+        8,
+        "sync_jobs",
+        include_str!("../../migrations/postgres/0008_sync_jobs.sql"),
     ),
 ]);
 

@@ -10,4 +10,6 @@ pub use connections::{
     ConnectionError, ConnectionInfo, ConnectionSpec, Connections, OpenedConnection,
 };
 pub use outbound_audit::AuditedCalls;
-pub use pull::{ingest, pull, PullError, PullOptions, PullReport, PullTarget};
+pub use pull::{
+    ingest, on_page, pull, PullError, PullOptions, PullProgress, PullReport, PullTarget,
+};

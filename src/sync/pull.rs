@@ -1,8 +1,10 @@
 //! One pull of an EHR connection's patients (and, when asked, their coverages) into the
 //! practice's FHIR store: page by page from the adapter, each resource mapped to the internal
-//! model with the vendor's profile (a resource that does not map is counted and skipped, never
-//! stored half-way), checked as a FHIR write is, and written with one transaction per page
-//! together with its audit events.
+//! model with the vendor's profile (a resource that does not map, or fails the FHIR checks, is
+//! kept sealed in the quarantine with the rule it broke, never stored half-way), checked as a
+//! FHIR write is, and written with one transaction per page together with its audit events.
+//! A resource whose keyed digest matches the one stored by the last pull is counted unchanged
+//! and not written again, so pulling twice (or resuming a pull) makes no new versions.
 //!
 //! A pulled resource keeps the EHR's JSON, under a local id derived from the connection and
 //! the EHR's id (the same EHR resource always lands on the same local resource, so a second
@@ -20,10 +22,10 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::audit::{Action, NewAuditEvent};
-use crate::crypto::PhiVault;
+use crate::crypto::{field_aad, PhiVault};
 use crate::domain::ResourceId;
 use crate::fhir::resources::{bulk, kind_of};
-use crate::store::{Expect, ResourceWrite, Store, StoreError};
+use crate::store::{Expect, QuarantineRow, ResourceWrite, Store, StoreError};
 
 /// Where a pull writes.
 pub struct PullTarget<'a> {
@@ -31,6 +33,8 @@ pub struct PullTarget<'a> {
     pub vault: &'a PhiVault,
     pub practice: &'a ResourceId,
     pub connection_id: &'a str,
+    /// The job run pulling (named in quarantine rows), if any.
+    pub run_id: Option<&'a str>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -47,8 +51,10 @@ pub struct PullReport {
     pub received: u64,
     pub created: u64,
     pub updated: u64,
+    /// Resources identical to what the last pull stored (not written again).
+    pub unchanged: u64,
     pub coverages: u64,
-    /// Resources that did not map or did not pass the FHIR checks (skipped).
+    /// Resources that did not map or did not pass the FHIR checks (quarantined).
     pub failed: u64,
     /// The EHR's `meta.lastUpdated` high-water mark after the last page: where the next pull
     /// starts.
@@ -61,6 +67,36 @@ pub enum PullError {
     Adapter(#[from] AdapterError),
     #[error("storage: {0}")]
     Store(#[from] StoreError),
+    /// The caller stopped the pull after a committed page (shutdown, or its job lease was lost).
+    #[error("stopped: {0}")]
+    Stopped(&'static str),
+}
+
+/// Told after each committed page; an error stops the pull there.
+#[async_trait::async_trait]
+pub trait PullProgress: Send {
+    async fn page_committed(&mut self, report: &PullReport) -> Result<(), PullError>;
+}
+
+/// Progress reported to a plain function (a progress line, a test's counter).
+pub fn on_page<F: FnMut(&PullReport) + Send>(f: F) -> impl PullProgress {
+    struct OnPage<F>(F);
+    #[async_trait::async_trait]
+    impl<F: FnMut(&PullReport) + Send> PullProgress for OnPage<F> {
+        async fn page_committed(&mut self, report: &PullReport) -> Result<(), PullError> {
+            (self.0)(report);
+            Ok(())
+        }
+    }
+    OnPage(f)
+}
+
+/// The AAD of a quarantined record's sealed JSON.
+pub fn quarantine_aad(connection_id: &str, resource_type: &str, local_id: &str) -> String {
+    field_aad(
+        "sync_quarantine.payload",
+        &format!("{connection_id}/{resource_type}/{local_id}"),
+    )
 }
 
 /// The system of the identifier that carries a pulled resource's id at the EHR.
@@ -93,7 +129,7 @@ pub async fn pull(
     profile: &Profile,
     since: Option<&str>,
     options: PullOptions,
-    mut progress: impl FnMut(&PullReport),
+    mut progress: impl PullProgress,
 ) -> Result<PullReport, PullError> {
     let mut report = PullReport {
         watermark: since.map(str::to_owned),
@@ -115,7 +151,7 @@ pub async fn pull(
         if page.watermark.is_some() {
             report.watermark = page.watermark;
         }
-        progress(&report);
+        progress.page_committed(&report).await?;
     }
     Ok(report)
 }
@@ -131,11 +167,12 @@ pub async fn ingest(
     report: &mut PullReport,
 ) -> Result<(), PullError> {
     report.received += resources.len() as u64;
+    let mut quarantine = Vec::new();
     let mut patients = Vec::with_capacity(resources.len());
     for resource in resources {
         match admit(target, profile, "Patient", resource, &HashMap::new()) {
-            Some(admitted) => patients.push(admitted),
-            None => report.failed += 1,
+            Ok(admitted) => patients.push(admitted),
+            Err(refused) => quarantine.push(refused),
         }
     }
     let mut coverages = Vec::new();
@@ -152,19 +189,54 @@ pub async fn ingest(
         for patient in &patients {
             for coverage in adapter.coverage_for(&patient.ehr_id).await? {
                 match admit(target, profile, "Coverage", coverage, &locals) {
-                    Some(admitted) => coverages.push(admitted),
-                    None => report.failed += 1,
+                    Ok(admitted) => coverages.push(admitted),
+                    Err(refused) => quarantine.push(refused),
                 }
             }
         }
     }
-    let (created, updated, failed) = write(target, "Patient", patients).await?;
-    report.created += created;
-    report.updated += updated;
-    report.failed += failed;
-    let (c_created, c_updated, c_failed) = write(target, "Coverage", coverages).await?;
-    report.coverages += c_created + c_updated;
-    report.failed += c_failed;
+    let patients = write(target, "Patient", patients, &mut quarantine).await?;
+    report.created += patients.created;
+    report.updated += patients.updated;
+    report.unchanged += patients.unchanged;
+    let coverages = write(target, "Coverage", coverages, &mut quarantine).await?;
+    report.coverages += coverages.created + coverages.updated + coverages.unchanged;
+    report.failed += quarantine.len() as u64;
+    keep_out(target, quarantine).await?;
+    Ok(())
+}
+
+/// A resource that could not be admitted: what the quarantine keeps.
+struct Refused {
+    resource_type: &'static str,
+    local_id: String,
+    /// Which rule failed (fixed phrases; never a value).
+    reason: String,
+    json: String,
+}
+
+/// Seals refused resources into the quarantine.
+async fn keep_out(target: &PullTarget<'_>, refused: Vec<Refused>) -> Result<(), PullError> {
+    if refused.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<QuarantineRow> = refused
+        .into_iter()
+        .map(|r| {
+            let aad = quarantine_aad(target.connection_id, r.resource_type, &r.local_id);
+            QuarantineRow {
+                id: uuid::Uuid::new_v4().simple().to_string(),
+                practice_id: target.practice.clone(),
+                connection_id: target.connection_id.to_owned(),
+                run_id: target.run_id.map(str::to_owned),
+                resource_type: r.resource_type.to_owned(),
+                payload: target.vault.seal_field(&aad, r.json.as_bytes()),
+                local_id: r.local_id,
+                reason: r.reason,
+            }
+        })
+        .collect();
+    target.store.jobs().quarantine(&rows).await?;
     Ok(())
 }
 
@@ -176,32 +248,57 @@ struct Admitted {
 }
 
 /// Checks that `resource` is of the type asked and maps with the profile, and rewrites it for
-/// the local store; `None` when it cannot be admitted.
+/// the local store; refused (for the quarantine) otherwise.
 fn admit(
     target: &PullTarget<'_>,
     profile: &Profile,
-    resource_type: &str,
+    resource_type: &'static str,
     mut resource: Value,
     locals: &HashMap<String, String>,
-) -> Option<Admitted> {
+) -> Result<Admitted, Refused> {
+    let ehr_id = resource
+        .get("id")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let refuse = |resource: &Value, reason: String| {
+        let json = serde_json::to_string(resource).unwrap_or_default();
+        // Without an EHR id the record is named by its content (a hash: no PHI).
+        let local = match &ehr_id {
+            Some(id) => local_id(target.connection_id, resource_type, id),
+            None => local_id(target.connection_id, resource_type, &json),
+        };
+        Refused {
+            resource_type,
+            local_id: local,
+            reason,
+            json,
+        }
+    };
     if resource.get("resourceType").and_then(Value::as_str) != Some(resource_type) {
-        return None;
+        return Err(refuse(
+            &resource,
+            "not of the resource type asked for".into(),
+        ));
     }
-    let ehr_id = resource.get("id").and_then(Value::as_str)?.to_owned();
-    let maps = match resource_type {
+    let Some(ehr_id) = ehr_id.clone() else {
+        return Err(refuse(&resource, "the EHR gave no id".into()));
+    };
+    let mapped = match resource_type {
         "Patient" => fhirgate_mappings::read(resource.clone(), profile)
             .and_then(|p| fhirgate_mappings::patient::from_fhir(&p, profile))
-            .is_ok(),
-        "Coverage" => fhirgate_mappings::read(resource.clone(), profile)
+            .map(drop),
+        _ => fhirgate_mappings::read(resource.clone(), profile)
             .and_then(|c| fhirgate_mappings::coverage::from_fhir(&c, profile))
-            .is_ok(),
-        _ => false,
+            .map(drop),
     };
-    if !maps {
-        return None;
+    if let Err(e) = mapped {
+        // A mapping error names the element and the rule, never a value.
+        return Err(refuse(&resource, e.to_string()));
     }
     let local_id = local_id(target.connection_id, resource_type, &ehr_id);
-    let object = resource.as_object_mut()?;
+    let Some(object) = resource.as_object_mut() else {
+        return Err(refuse(&resource, "not a JSON object".into()));
+    };
     let system = source_system(target.connection_id);
     let identifiers = object
         .entry("identifier")
@@ -217,7 +314,7 @@ fn admit(
     if !locals.is_empty() {
         rewrite_references(&mut resource, locals);
     }
-    Some(Admitted {
+    Ok(Admitted {
         ehr_id,
         local_id,
         resource,
@@ -243,36 +340,64 @@ fn rewrite_references(value: &mut Value, locals: &HashMap<String, String>) {
     }
 }
 
-/// Writes admitted resources of one type in one transaction with their audit events; returns
-/// (created, updated, failed the FHIR checks).
+/// What writing one page's resources of one type did.
+#[derive(Default)]
+struct Written {
+    created: u64,
+    updated: u64,
+    unchanged: u64,
+}
+
+/// Writes admitted resources of one type in one transaction with their audit events, skipping
+/// those whose digest matches the last pull's; a resource that fails the FHIR checks goes to
+/// `quarantine`. Digests are saved after the write commits: a crash in between only means the
+/// next pull writes those resources once more.
 async fn write(
     target: &PullTarget<'_>,
-    resource_type: &str,
+    resource_type: &'static str,
     admitted: Vec<Admitted>,
-) -> Result<(u64, u64, u64), PullError> {
+    quarantine: &mut Vec<Refused>,
+) -> Result<Written, PullError> {
+    let mut out = Written::default();
     if admitted.is_empty() {
-        return Ok((0, 0, 0));
+        return Ok(out);
     }
     let Some(kind) = kind_of(resource_type) else {
-        return Ok((0, 0, admitted.len() as u64));
+        return Ok(out);
     };
     let ids: Vec<String> = admitted.iter().map(|a| a.local_id.clone()).collect();
     let heads = target
         .store
         .head_versions(target.practice, resource_type, &ids)
         .await?;
-    let (mut created, mut updated, mut failed) = (0, 0, 0);
+    let stored = target
+        .store
+        .jobs()
+        .digests(target.connection_id, resource_type, &ids)
+        .await?;
     let mut writes: Vec<ResourceWrite> = Vec::with_capacity(admitted.len());
     let mut audit = Vec::with_capacity(admitted.len());
+    let mut digests = Vec::with_capacity(admitted.len());
+    let mut admitted_ids = Vec::with_capacity(admitted.len());
     let mut seen = std::collections::HashSet::with_capacity(admitted.len());
     for a in admitted {
         // An EHR page listing one resource twice: the later copy wins on the next pull.
         if !seen.insert(a.local_id.clone()) {
             continue;
         }
-        let expect = heads
-            .get(&a.local_id)
-            .map_or(Expect::Absent, |v| Expect::Version(*v));
+        let json = serde_json::to_string(&a.resource).unwrap_or_default();
+        let digest = target.vault.blind(DIGEST_LABEL, &json);
+        let head = heads.get(&a.local_id).copied();
+        admitted_ids.push(a.local_id.clone());
+        if head.is_some()
+            && stored
+                .get(&a.local_id)
+                .is_some_and(|d| crate::crypto::constant_time_eq(d, &digest))
+        {
+            out.unchanged += 1;
+            continue;
+        }
+        let expect = head.map_or(Expect::Absent, Expect::Version);
         match bulk::resource_at(
             kind,
             target.vault,
@@ -283,8 +408,8 @@ async fn write(
         ) {
             Ok(w) => {
                 match w.expect {
-                    Expect::Absent => created += 1,
-                    Expect::Version(_) => updated += 1,
+                    Expect::Absent => out.created += 1,
+                    Expect::Version(_) => out.updated += 1,
                 }
                 let patient = (resource_type == "Patient").then(|| a.local_id.clone());
                 audit.push(NewAuditEvent {
@@ -296,22 +421,46 @@ async fn write(
                         200
                     },
                     resource_type: Some(resource_type.to_owned()),
-                    resource_id: Some(a.local_id),
+                    resource_id: Some(a.local_id.clone()),
                     patient_id: patient,
                     connection_id: Some(target.connection_id.to_owned()),
                     ..NewAuditEvent::default()
                 });
+                digests.push((a.local_id, digest));
                 writes.push(w);
             }
-            Err(_) => failed += 1,
+            Err(_) => {
+                admitted_ids.pop();
+                quarantine.push(Refused {
+                    resource_type,
+                    local_id: a.local_id,
+                    reason: "failed the FHIR checks of a write".into(),
+                    json,
+                });
+            }
         }
     }
-    target
-        .store
-        .write_resources(target.practice, &writes, &audit)
+    if !writes.is_empty() {
+        target
+            .store
+            .write_resources(target.practice, &writes, &audit)
+            .await?;
+    }
+    let jobs = target.store.jobs();
+    jobs.save_digests(
+        target.practice,
+        target.connection_id,
+        resource_type,
+        &digests,
+    )
+    .await?;
+    jobs.release_quarantine(target.connection_id, resource_type, &admitted_ids)
         .await?;
-    Ok((created, updated, failed))
+    Ok(out)
 }
+
+/// The label of pulled resources' digests (a blind index "column").
+const DIGEST_LABEL: &str = "sync_digests.digest";
 
 #[cfg(test)]
 mod tests {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use fhirgate::crypto::{Keyring, PhiKeys};
 use fhirgate::domain::ResourceId;
 use fhirgate::gate::Role;
-use fhirgate::sync::{pull, AuditedCalls, Connections, PullOptions, PullTarget};
+use fhirgate::sync::{on_page, pull, AuditedCalls, Connections, PullOptions, PullTarget};
 use fhirgate_adapters::AdapterContext;
 use fhirgate_ehr_sim::{Personality, SimConfig, Simulator};
 use serde_json::Value;
@@ -273,9 +273,10 @@ async fn each_vendor_pull_stores_every_patient_once_and_the_next_pull_only_what_
             vault: &vault,
             practice: &practice,
             connection_id: &id,
+            run_id: None,
         };
         let options = PullOptions { coverage: true };
-        let first = pull(&target, &*adapter, profile, None, options, |_| {})
+        let first = pull(&target, &*adapter, profile, None, options, on_page(|_| {}))
             .await
             .unwrap();
         assert_eq!(
@@ -338,7 +339,7 @@ async fn each_vendor_pull_stores_every_patient_once_and_the_next_pull_only_what_
             profile,
             first.watermark.as_deref(),
             PullOptions::default(),
-            |_| {},
+            on_page(|_| {}),
         )
         .await
         .unwrap();
