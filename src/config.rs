@@ -53,6 +53,8 @@ pub struct Settings {
     /// How long audit events are kept before `audit purge` may delete them (>= 2192 days).
     pub audit_retention_days: u32,
     pub export: crate::fhir::export::ExportSettings,
+    /// Nightly pulls: the scheduler, job leases, and when a queue counts as stuck.
+    pub sync: crate::sync::SyncSettings,
     /// A folder of mapping profiles (`*.toml`) layered over the built-in ones; empty for the
     /// built-in profiles only.
     pub mapping_profiles_dir: String,
@@ -211,6 +213,9 @@ impl Settings {
             ));
         }
         if let Err((key, reason)) = self.rate_limit.validate() {
+            return Err(bad(key, reason));
+        }
+        if let Err((key, reason)) = self.sync.validate() {
             return Err(bad(key, reason));
         }
         if let Err((key, reason)) = self.export.validate() {

@@ -92,6 +92,11 @@ pub struct Application {
     store: Arc<dyn Store>,
     audit_writer: tokio::task::JoinHandle<()>,
     exports: fhir::export::Exports,
+    /// The nightly pulls' scheduler and its jobs (when `sync.scheduler` is on).
+    scheduler: Option<(
+        crate::sync::scheduler::SchedulerHandle,
+        crate::sync::PullJobs,
+    )>,
 }
 
 /// The mapping profiles: built-in, with the configured folder's over them.
@@ -209,6 +214,7 @@ impl Application {
         });
         let exports = state.exports.clone();
         fhir::export::start(state.clone());
+        let scheduler = start_scheduler(&settings, &state);
 
         let mut server = HttpServer::new(move || {
             App::new()
@@ -248,6 +254,7 @@ impl Application {
             store,
             audit_writer,
             exports,
+            scheduler,
         })
     }
 
@@ -279,6 +286,10 @@ impl Application {
         // Export runners stop after their current page and release their jobs, which the next
         // instance to sweep resumes.
         self.exports.shutdown(Duration::from_secs(5)).await;
+        // Pulls stop after their current page and hand their runs back for the next instance.
+        if let Some((scheduler, jobs)) = self.scheduler {
+            scheduler.stop(&jobs, Duration::from_secs(10)).await;
+        }
         // The server's handles to the audit writer are gone with it: let it drain, then close.
         if tokio::time::timeout(Duration::from_secs(10), self.audit_writer)
             .await
@@ -324,6 +335,35 @@ impl AppState {
                 }
             })
     }
+}
+
+/// Starts the nightly pulls' scheduler, unless configured off or the PHI vault is not open yet
+/// (migrations pending: the operator migrates and restarts).
+fn start_scheduler(
+    settings: &Settings,
+    state: &web::Data<AppState>,
+) -> Option<(
+    crate::sync::scheduler::SchedulerHandle,
+    crate::sync::PullJobs,
+)> {
+    if !settings.sync.scheduler {
+        return None;
+    }
+    let Some(vault) = state.vault.get() else {
+        tracing::warn!(
+            "nightly pulls not scheduled: the database is not migrated yet; migrate and restart"
+        );
+        return None;
+    };
+    let jobs = crate::sync::PullJobs::new(
+        Arc::clone(&state.store),
+        state.connections.clone(),
+        state.audit.clone(),
+        vault.clone(),
+        &settings.sync,
+    );
+    let handle = crate::sync::scheduler::start(jobs.clone(), &settings.sync);
+    Some((handle, jobs))
 }
 
 /// Evicts stale rate-limit keys once a window, for as long as the limits are alive.

@@ -3,6 +3,7 @@
 //! JSON, errors are OperationOutcomes like everywhere else.
 
 pub mod clients;
+pub mod jobs;
 
 use actix_web::middleware::from_fn;
 use actix_web::{web, HttpMessage, HttpRequest};
@@ -22,6 +23,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .wrap(from_fn(authenticate))
             .wrap(from_fn(audit_request))
             .configure(clients::configure)
+            .configure(jobs::configure)
             .default_service(web::to(|| async {
                 Err::<actix_web::HttpResponse, _>(ApiError::NotFound(
                     "no internal API route at this path".into(),

@@ -5,9 +5,11 @@
 mod connections;
 mod healthcheck;
 mod sandbox;
+mod sync;
 
 pub use connections::ConnectionsCommand;
 pub use sandbox::{sandbox_spec, SandboxArgs};
+pub use sync::SyncCommand;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,6 +52,9 @@ pub enum Command {
     /// Manage EHR connections (outbound: where pulls and claim-status pushes go).
     #[command(subcommand)]
     Connections(ConnectionsCommand),
+    /// Nightly pulls: run one now, show schedules, watermarks and runs.
+    #[command(subcommand)]
+    Sync(SyncCommand),
     /// Try a full pull locally: EHR simulators with synthetic patients, a connection to each,
     /// one pull through the real adapters into the configured database.
     Sandbox(SandboxArgs),
@@ -267,6 +272,7 @@ async fn dispatch(command: Command, settings: Settings) -> Result<(), CliError> 
         Command::Clients(cmd) => clients(cmd, settings).await,
         Command::Connections(cmd) => connections::run(cmd, settings).await,
         Command::Sandbox(args) => sandbox::run(args, settings).await,
+        Command::Sync(cmd) => sync::run(cmd, settings).await,
         Command::Audit(cmd) => audit(cmd, settings).await,
         Command::Keys(cmd) => keys(cmd, settings).await,
         Command::Healthcheck { .. } => unreachable!("handled before loading settings"),

@@ -133,6 +133,14 @@ pub trait JobStore: Send + Sync {
         checkpoint: Option<&str>,
         lease_until_us: i64,
     ) -> Result<bool, StoreError>;
+    /// Extends (or, with 0, hands back) the lease of a run `runner` holds; `false` when it no
+    /// longer holds it.
+    async fn renew_lease(
+        &self,
+        id: &str,
+        runner: &str,
+        lease_until_us: i64,
+    ) -> Result<bool, StoreError>;
     /// Ends a run held by `runner`; a succeeded run with a `watermark` moves its connection's
     /// watermark there, in the same transaction. `false` when the run was not held.
     async fn finish_run(
@@ -328,6 +336,24 @@ macro_rules! shared_job_sql {
                 .bind(counts.failed)
                 .bind(counts.coverages)
                 .bind(checkpoint)
+                .bind(lease_until_us)
+                .bind(id)
+                .bind(runner)
+                .execute(&self.pool)
+                .await?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn renew_lease(
+                &self,
+                id: &str,
+                runner: &str,
+                lease_until_us: i64,
+            ) -> Result<bool, $crate::store::StoreError> {
+                let done = sqlx::query(
+                    "UPDATE job_runs SET lease_until_us = $1
+                     WHERE id = $2 AND runner = $3 AND status = 'running'",
+                )
                 .bind(lease_until_us)
                 .bind(id)
                 .bind(runner)

@@ -455,21 +455,25 @@ fn check_credential(credential: &Credential) -> Result<(), ConnectionError> {
 }
 
 /// A cron expression of 6 fields (seconds first, as tokio-cron-scheduler reads it) or 5 (then
-/// seconds are 0). Whether each field is in range is checked when the scheduler loads it.
+/// seconds are 0), checked as the scheduler reads it.
 fn check_schedule(value: &str) -> Result<String, ConnectionError> {
     let fields: Vec<&str> = value.split_whitespace().collect();
     let allowed = |f: &str| {
         f.chars()
             .all(|c| c.is_ascii_alphanumeric() || "*/,-?#".contains(c))
     };
-    match fields.len() {
-        5 if fields.iter().all(|f| allowed(f)) => Ok(format!("0 {}", fields.join(" "))),
-        6 if fields.iter().all(|f| allowed(f)) => Ok(fields.join(" ")),
-        _ => Err(invalid(
+    let schedule = match fields.len() {
+        5 if fields.iter().all(|f| allowed(f)) => format!("0 {}", fields.join(" ")),
+        6 if fields.iter().all(|f| allowed(f)) => fields.join(" "),
+        _ => return Err(invalid(
             "schedule",
             "expected a cron expression: [seconds] minutes hours day-of-month month day-of-week",
         )),
-    }
+    };
+    // What the scheduler will read: a field out of range is refused now, not at 02:00.
+    super::scheduler::parse_schedule(&schedule)
+        .map_err(|_| invalid("schedule", "a field is out of range or not understood"))?;
+    Ok(schedule)
 }
 
 #[cfg(test)]

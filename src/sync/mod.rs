@@ -3,12 +3,15 @@
 //! Never logs a credential, a resource or a URL with a query string.
 
 pub mod connections;
+pub mod jobs;
 pub mod outbound_audit;
 pub mod pull;
+pub mod scheduler;
 
 pub use connections::{
     ConnectionError, ConnectionInfo, ConnectionSpec, Connections, OpenedConnection,
 };
+pub use jobs::{JobError, PullJobs, StartedBy, SyncSettings};
 pub use outbound_audit::AuditedCalls;
 pub use pull::{
     ingest, on_page, pull, PullError, PullOptions, PullProgress, PullReport, PullTarget,

@@ -374,6 +374,11 @@ impl Controls {
         let mut rng = lock(&self.0.touch_rng);
         write(&self.0.patients).touch(k, &mut rng)
     }
+    /// Edits one patient as an EHR user would (the edit gets a new version and
+    /// `meta.lastUpdated`, after every other); `false` when there is no such patient.
+    pub fn edit_patient(&self, id: &str, edit: impl FnOnce(&mut Value)) -> bool {
+        write(&self.0.patients).edit(id, edit)
+    }
     pub fn counters(&self) -> Counters {
         self.0.counters.snapshot()
     }

@@ -105,6 +105,29 @@ impl PatientStore {
     }
 
     /// Gives `k` patients (spread over the store) a new lastUpdated and phone, as an EHR edit.
+    /// Applies `edit` to a patient as an EHR edit would (new `meta.versionId` and
+    /// `meta.lastUpdated`, after every other); `false` when there is no such patient.
+    pub fn edit(&mut self, id: &str, edit: impl FnOnce(&mut Value)) -> bool {
+        let Some(pos) = self.position(id) else {
+            return false;
+        };
+        let mut rec = self.sorted.remove(pos);
+        let last = self.sorted.last().map(|r| r.lu).unwrap_or(0);
+        let lu = now_ms().max(last + 1);
+        let version = rec.resource["meta"]["versionId"]
+            .as_str()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(1)
+            + 1;
+        edit(&mut rec.resource);
+        rec.resource["meta"]["versionId"] = Value::from(version.to_string());
+        rec.resource["meta"]["lastUpdated"] = Value::from(instant(lu));
+        let updated = PatientRecord::new(rec.id, lu, rec.resource, rec.coverages);
+        self.by_id.insert(updated.id.clone(), lu);
+        self.sorted.push(updated);
+        true
+    }
+
     pub fn touch(&mut self, k: usize, rng: &mut fastrand::Rng) -> Vec<String> {
         let n = self.sorted.len();
         if n == 0 || k == 0 {
