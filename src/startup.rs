@@ -48,6 +48,8 @@ pub struct AppState {
     pub skip_audit: bool,
     /// EHR connections and the adapter registry.
     pub connections: crate::sync::Connections,
+    /// When `/readyz` calls a queue stuck (`sync.stuck_after_secs`).
+    pub stuck_after: Duration,
 }
 
 /// Options that are not configuration. Nothing in the CLI or the config files can set them.
@@ -211,6 +213,7 @@ impl Application {
             exports: fhir::export::Exports::new(&settings.export, &api),
             skip_audit: options.skip_audit,
             connections,
+            stuck_after: Duration::from_secs(settings.sync.stuck_after_secs),
         });
         let exports = state.exports.clone();
         fhir::export::start(state.clone());

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::store::PoolStats;
@@ -20,6 +21,8 @@ pub struct Metrics {
     pool_idle: IntGauge,
     pool_max: IntGauge,
     rate_limited: IntCounterVec,
+    queue_depth: IntGaugeVec,
+    queue_oldest: GaugeVec,
 }
 
 impl Metrics {
@@ -57,8 +60,26 @@ impl Metrics {
             &["quota"],
         )
         .expect("valid metric");
+        let queue_depth = IntGaugeVec::new(
+            Opts::new(
+                "queue_depth",
+                "Rows waiting in a durable queue (outbox, webhook_inbox, quarantine), by connection",
+            ),
+            &["queue", "connection"],
+        )
+        .expect("valid metric");
+        let queue_oldest = GaugeVec::new(
+            Opts::new(
+                "queue_oldest_age_seconds",
+                "Age of the oldest row waiting in a durable queue, by connection",
+            ),
+            &["queue", "connection"],
+        )
+        .expect("valid metric");
         for collector in [
-            Box::new(rate_limited.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(queue_depth.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(queue_oldest.clone()),
+            Box::new(rate_limited.clone()),
             Box::new(requests.clone()),
             Box::new(latency.clone()),
             Box::new(pool_size.clone()),
@@ -77,6 +98,8 @@ impl Metrics {
             pool_idle,
             pool_max,
             rate_limited,
+            queue_depth,
+            queue_oldest,
         }
     }
 
@@ -100,6 +123,20 @@ impl Metrics {
         self.pool_size.set(i64::from(stats.size));
         self.pool_idle.set(i64::from(stats.idle));
         self.pool_max.set(i64::from(stats.max));
+    }
+
+    /// Replaces the queue gauges (a connection whose queue emptied or that was removed drops
+    /// out rather than reporting a stale figure).
+    pub fn observe_queues(&self, health: &[super::queues::QueueHealth]) {
+        self.queue_depth.reset();
+        self.queue_oldest.reset();
+        for q in health {
+            let labels = [q.queue, q.connection_id.as_str()];
+            self.queue_depth.with_label_values(&labels).set(q.depth);
+            self.queue_oldest
+                .with_label_values(&labels)
+                .set(q.oldest_age_secs);
+        }
     }
 
     pub fn render(&self) -> String {

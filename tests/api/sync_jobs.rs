@@ -256,7 +256,7 @@ async fn two_instances_firing_the_same_slot_start_one_run_and_a_slot_never_runs_
 
 #[tokio::test]
 async fn records_that_do_not_map_are_quarantined_with_the_rule_and_released_once_fixed() {
-    let app = app_with("").await;
+    let app = app_with("scheduler = false\nstuck_after_secs = 1").await;
     let admin = session(&app, "system/Patient.rs", Role::PracticeAdmin).await;
     let practice = ResourceId::parse("practice", admin.practice_id.as_str()).unwrap();
     let (sim, connection) = connect(&app.store, &practice, 10, None).await;
@@ -311,6 +311,25 @@ async fn records_that_do_not_map_are_quarantined_with_the_rule_and_released_once
             "the record is sealed at rest"
         );
     }
+
+    // A stuck queue is never silent: /metrics has its depth and age, /readyz warns (still 200).
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    let depth =
+        format!(r#"fhirgate_queue_depth{{connection="{connection}",queue="quarantine"}} 1"#);
+    assert!(metrics.contains(&depth), "{metrics}");
+    assert!(metrics.contains("fhirgate_queue_oldest_age_seconds{"));
+    let ready: Value = app.get("/readyz").await.json().await.unwrap();
+    assert_eq!(ready["checks"]["queues"], "pass", "not stuck yet: {ready}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let res = app.get("/readyz").await;
+    assert_eq!(res.status(), 200);
+    let ready: Value = res.json().await.unwrap();
+    assert_eq!(ready["status"], "warn", "{ready}");
+    assert_eq!(ready["stuck_queues"][0]["queue"], "quarantine");
+    assert_eq!(
+        ready["stuck_queues"][0]["connection_id"],
+        connection.as_str()
+    );
 
     // Fixed at the EHR: the next pull admits it and empties the quarantine.
     assert!(sim

@@ -1,0 +1,42 @@
+//! The durable queues' health: for each queue (the quarantine of EHR records that did not map,
+//! and the webhook inbox and claim-status outbox once they exist) and each EHR connection, how
+//! many rows wait and how old the oldest is. `/metrics` exports it; `/readyz` names a queue stuck
+//! past `sync.stuck_after_secs` without failing (a stuck queue needs a person, not a restart).
+//! Labels are queue names and connection ids (opaque, bounded by the connections configured):
+//! never PHI.
+
+use time::OffsetDateTime;
+
+use crate::store::{QueueStat, Store, StoreError};
+
+/// One queue's standing for one connection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueHealth {
+    pub queue: &'static str,
+    pub connection_id: String,
+    pub depth: i64,
+    /// Seconds since the oldest waiting row was written (0 when none waits).
+    pub oldest_age_secs: f64,
+}
+
+/// Every queue's standing now.
+pub async fn queue_health(store: &dyn Store) -> Result<Vec<QueueHealth>, StoreError> {
+    let now = OffsetDateTime::now_utc();
+    let mut out = Vec::new();
+    let queues: [(&'static str, Vec<QueueStat>); 1] =
+        [("quarantine", store.jobs().quarantine_stats().await?)];
+    for (queue, stats) in queues {
+        for s in stats {
+            let oldest_age_secs = s
+                .oldest_pending_at
+                .map_or(0.0, |t| (now - t).as_seconds_f64().max(0.0));
+            out.push(QueueHealth {
+                queue,
+                connection_id: s.connection_id,
+                depth: s.depth,
+                oldest_age_secs,
+            });
+        }
+    }
+    Ok(out)
+}
