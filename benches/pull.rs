@@ -14,6 +14,8 @@
 //! process: the simulator serves from the same process and shares its CPUs, so the figures are
 //! a floor for a real deployment, where the EHR's latency dominates instead.
 //! `BENCH_PULL_COVERAGE=1` also fetches each patient's coverages (one search per patient).
+//! After the full pull, 1% of the patients are edited at the EHR and a second pull from the
+//! watermark (what a nightly run does) is timed too: the "nightly" columns.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -96,8 +98,8 @@ async fn run(patients: usize, coverage: bool, vendors: Vec<(&str, Personality)>)
         std::thread::available_parallelism().map_or(1, |n| n.get()),
         db.backend(),
     );
-    println!("| vendor | listing | patients | pages | seconds | patients/s | peak RSS MiB |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| vendor | listing | patients | pages | seconds | patients/s | peak RSS MiB | nightly: changed | nightly: seconds |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let mut failed = false;
     let mut results = Vec::new();
     for (name, personality) in vendors {
@@ -145,8 +147,38 @@ async fn run(patients: usize, coverage: bool, vendors: Vec<(&str, Personality)>)
         match outcome {
             Ok(report) if report.created as usize == patients && report.failed == 0 => {
                 let rate = report.created as f64 / secs;
+                let changed = sim.controls().touch((patients / 100).max(1)).len();
+                let started = Instant::now();
+                let nightly = pull(
+                    &target,
+                    &*adapter,
+                    profile,
+                    report.watermark.as_deref(),
+                    PullOptions { coverage },
+                    on_page(|_| {}),
+                )
+                .await;
+                let nightly_secs = started.elapsed().as_secs_f64();
+                let nightly = match nightly {
+                    Ok(n) if n.updated as usize == changed && n.failed == 0 => {
+                        format!("{changed} | {nightly_secs:.2}")
+                    }
+                    Ok(n) => {
+                        eprintln!(
+                            "pull bench: {name}: nightly pull updated {} of {changed}",
+                            n.updated
+                        );
+                        failed = true;
+                        "? | ?".to_owned()
+                    }
+                    Err(e) => {
+                        eprintln!("pull bench: {name}: nightly pull: {e}");
+                        failed = true;
+                        "? | ?".to_owned()
+                    }
+                };
                 println!(
-                    "| {name} | {} | {} | {} | {secs:.2} | {rate:.0} | {rss} |",
+                    "| {name} | {} | {} | {} | {secs:.2} | {rate:.0} | {rss} | {nightly} |",
                     if personality == Personality::Epic {
                         "Group $export"
                     } else {
@@ -157,7 +189,8 @@ async fn run(patients: usize, coverage: bool, vendors: Vec<(&str, Personality)>)
                 );
                 results.push(
                     json!({"vendor": name, "patients": report.created, "pages": report.pages,
-                    "seconds": secs, "patients_per_sec": rate, "peak_rss_mib": rss}),
+                    "seconds": secs, "patients_per_sec": rate, "peak_rss_mib": rss,
+                    "nightly": nightly}),
                 );
             }
             Ok(report) => {
