@@ -48,6 +48,8 @@ pub struct AppState {
     pub skip_audit: bool,
     /// EHR connections and the adapter registry.
     pub connections: crate::sync::Connections,
+    /// The claim-status outbox: sealing its rows, waking and stopping its dispatcher.
+    pub outbox: crate::sync::ClaimOutbox,
 }
 
 /// Options that are not configuration. Nothing in the CLI or the config files can set them.
@@ -92,6 +94,7 @@ pub struct Application {
     store: Arc<dyn Store>,
     audit_writer: tokio::task::JoinHandle<()>,
     exports: fhir::export::Exports,
+    outbox: crate::sync::ClaimOutbox,
 }
 
 /// The mapping profiles: built-in, with the configured folder's over them.
@@ -206,9 +209,12 @@ impl Application {
             exports: fhir::export::Exports::new(&settings.export, &api),
             skip_audit: options.skip_audit,
             connections,
+            outbox: crate::sync::ClaimOutbox::new(&settings.outbox, master.keyring()),
         });
         let exports = state.exports.clone();
         fhir::export::start(state.clone());
+        let outbox = state.outbox.clone();
+        crate::sync::outbox::dispatcher::start(state.clone());
 
         let mut server = HttpServer::new(move || {
             App::new()
@@ -248,6 +254,7 @@ impl Application {
             store,
             audit_writer,
             exports,
+            outbox,
         })
     }
 
@@ -279,6 +286,8 @@ impl Application {
         // Export runners stop after their current page and release their jobs, which the next
         // instance to sweep resumes.
         self.exports.shutdown(Duration::from_secs(5)).await;
+        // The claim-status dispatcher lets its deliveries finish and gives back the rest.
+        self.outbox.shutdown().await;
         // The server's handles to the audit writer are gone with it: let it drain, then close.
         if tokio::time::timeout(Duration::from_secs(10), self.audit_writer)
             .await

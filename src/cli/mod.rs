@@ -4,9 +4,11 @@
 
 mod connections;
 mod healthcheck;
+mod outbox;
 mod sandbox;
 
 pub use connections::ConnectionsCommand;
+pub use outbox::OutboxCommand;
 pub use sandbox::{sandbox_spec, SandboxArgs};
 
 use std::path::PathBuf;
@@ -50,6 +52,9 @@ pub enum Command {
     /// Manage EHR connections (outbound: where pulls and claim-status pushes go).
     #[command(subcommand)]
     Connections(ConnectionsCommand),
+    /// Claim-status pushes: list the updates that could not be delivered, replay one.
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
     /// Try a full pull locally: EHR simulators with synthetic patients, a connection to each,
     /// one pull through the real adapters into the configured database.
     Sandbox(SandboxArgs),
@@ -266,6 +271,7 @@ async fn dispatch(command: Command, settings: Settings) -> Result<(), CliError> 
         Command::Practices(cmd) => practices(cmd, settings).await,
         Command::Clients(cmd) => clients(cmd, settings).await,
         Command::Connections(cmd) => connections::run(cmd, settings).await,
+        Command::Outbox(cmd) => outbox::run(cmd, settings).await,
         Command::Sandbox(args) => sandbox::run(args, settings).await,
         Command::Audit(cmd) => audit(cmd, settings).await,
         Command::Keys(cmd) => keys(cmd, settings).await,

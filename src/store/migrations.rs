@@ -44,6 +44,16 @@ pub(crate) const SQLITE: Embedded = Embedded(&[
         "ehr_connections",
         include_str!("../../migrations/sqlite/0007_ehr_connections.sql"),
     ),
+    (
+        8,
+        "sync_jobs",
+        include_str!("../../migrations/sqlite/0008_sync_jobs.sql"),
+    ),
+    (
+        10,
+        "claim_outbox",
+        include_str!("../../migrations/sqlite/0010_claim_outbox.sql"),
+    ),
 ]);
 
 pub(crate) const POSTGRES: Embedded = Embedded(&[
@@ -81,6 +91,16 @@ pub(crate) const POSTGRES: Embedded = Embedded(&[
         7,
         "ehr_connections",
         include_str!("../../migrations/postgres/0007_ehr_connections.sql"),
+    ),
+    (
+        8,
+        "sync_jobs",
+        include_str!("../../migrations/postgres/0008_sync_jobs.sql"),
+    ),
+    (
+        10,
+        "claim_outbox",
+        include_str!("../../migrations/postgres/0010_claim_outbox.sql"),
     ),
 ]);
 
