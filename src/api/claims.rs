@@ -230,7 +230,7 @@ async fn set_status(
                 .map(ClaimStatus::as_str)
                 .collect();
             return Err(ApiError::Conflict(format!(
-                "a {} claim cannot become {} (it may become: {})",
+                "the claim is {} and cannot become {} (it may become: {})",
                 now.status,
                 next,
                 if allowed.is_empty() {
