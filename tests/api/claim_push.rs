@@ -999,3 +999,49 @@ async fn no_phi_of_a_push_reaches_the_logs() {
         assert!(!logs.contains(value), "`{value}` reached the logs:\n{logs}");
     }
 }
+
+#[tokio::test]
+async fn a_refused_update_dead_letters_at_once_and_a_replay_from_the_cli_wakes_running_gateways() {
+    // On PostgreSQL the gateway polls once a minute here: only `NOTIFY` can wake it in time.
+    let poll = if crate::helpers::backend() == fhirgate::store::Backend::Postgres {
+        60_000
+    } else {
+        50
+    };
+    let app = spawn_app_with(&format!(
+        "master_key = '{}'\n[outbox]\nmax_attempts = 5\npoll_interval_ms = {poll}\n",
+        master_key()
+    ))
+    .await;
+    let gw = Gateway::of(&app, Role::Billing).await;
+    let ehr = connect_ehr(app.store.clone(), &gw.practice).await;
+    let p = pulled_patient(&gw, &ehr.connection, "ehr-pat-9").await;
+    let claim = new_claim(&gw, &p, None).await;
+    gw.change(&claim, "prepared").await;
+    // A 422 will not pass by retrying: dead at the first attempt, whatever max_attempts says.
+    ehr.sim.controls().fail_next(1, 422, None);
+    let id = gw.change(&claim, "submitted").await.unwrap();
+    drained(&*app.store).await;
+    let dead: Value = gw.get("/api/v1/dead-letters").await.json().await.unwrap();
+    assert_eq!(dead["dead_letters"][0]["id"], id.as_str());
+    assert_eq!(dead["dead_letters"][0]["attempts"], 1);
+    assert_eq!(
+        dead["dead_letters"][0]["last_error"],
+        "the EHR refused the update"
+    );
+
+    let out = run(fhirgate()
+        .args(["outbox", "replay", &id])
+        .env("FHIRGATE_DATABASE_URL", app.database_url.expose()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(ids(&applied(&ehr.sim, &claim, 1).await), [id.clone()]);
+    let out = run(fhirgate()
+        .args(["outbox", "replay", &id])
+        .env("FHIRGATE_DATABASE_URL", app.database_url.expose()));
+    assert_eq!(out.status.code(), Some(2), "nothing left to replay");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no dead letter"));
+}
