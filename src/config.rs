@@ -58,6 +58,8 @@ pub struct Settings {
     /// A folder of mapping profiles (`*.toml`) layered over the built-in ones; empty for the
     /// built-in profiles only.
     pub mapping_profiles_dir: String,
+    /// The claim-status outbox dispatcher.
+    pub outbox: crate::sync::outbox::OutboxSettings,
 }
 
 /// A secret setting: redacted whenever displayed.
@@ -221,6 +223,9 @@ impl Settings {
         if let Err((key, reason)) = self.export.validate() {
             return Err(bad(key, reason));
         }
+        if let Err((key, reason)) = self.outbox.validate() {
+            return Err(bad(key, reason));
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
             return Err(bad("log_level", "is not a valid tracing filter directive"));
         }
@@ -297,6 +302,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("`audit_retention_days`"), "{err}");
+    }
+
+    #[test]
+    fn outbox_settings_out_of_range_name_their_key() {
+        let s = Settings::from_toml("").unwrap();
+        assert_eq!(s.outbox.max_attempts, 8);
+        assert_eq!(s.outbox.poll_interval_ms, 250);
+        for (toml, key) in [
+            ("[outbox]\nmax_attempts = 0", "outbox.max_attempts"),
+            ("[outbox]\npoll_interval_ms = 0", "outbox.poll_interval_ms"),
+            (
+                "[outbox]\nretry_base_ms = 10\nretry_max_ms = 5",
+                "outbox.retry_max_ms",
+            ),
+            ("[outbox]\nbatch = 0", "outbox.batch"),
+            ("[outbox]\nlease_ms = 10", "outbox.lease_ms"),
+        ] {
+            let err = Settings::from_toml(toml).unwrap_err().to_string();
+            assert!(err.contains(&format!("`{key}`")), "{toml}: {err}");
+        }
     }
 
     #[test]

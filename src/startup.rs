@@ -50,6 +50,8 @@ pub struct AppState {
     pub connections: crate::sync::Connections,
     /// When `/readyz` calls a queue stuck (`sync.stuck_after_secs`).
     pub stuck_after: Duration,
+    /// The claim-status outbox: sealing its rows, waking and stopping its dispatcher.
+    pub outbox: crate::sync::ClaimOutbox,
 }
 
 /// Options that are not configuration. Nothing in the CLI or the config files can set them.
@@ -99,6 +101,7 @@ pub struct Application {
         crate::sync::scheduler::SchedulerHandle,
         crate::sync::PullJobs,
     )>,
+    outbox: crate::sync::ClaimOutbox,
 }
 
 /// The mapping profiles: built-in, with the configured folder's over them.
@@ -214,9 +217,12 @@ impl Application {
             skip_audit: options.skip_audit,
             connections,
             stuck_after: Duration::from_secs(settings.sync.stuck_after_secs),
+            outbox: crate::sync::ClaimOutbox::new(&settings.outbox, master.keyring()),
         });
         let exports = state.exports.clone();
         fhir::export::start(state.clone());
+        let outbox = state.outbox.clone();
+        crate::sync::outbox::dispatcher::start(state.clone());
         let scheduler = start_scheduler(&settings, &state);
 
         let mut server = HttpServer::new(move || {
@@ -258,6 +264,7 @@ impl Application {
             audit_writer,
             exports,
             scheduler,
+            outbox,
         })
     }
 
@@ -293,6 +300,8 @@ impl Application {
         if let Some((scheduler, jobs)) = self.scheduler {
             scheduler.stop(&jobs, Duration::from_secs(10)).await;
         }
+        // The claim-status dispatcher lets its deliveries finish and gives back the rest.
+        self.outbox.shutdown().await;
         // The server's handles to the audit writer are gone with it: let it drain, then close.
         if tokio::time::timeout(Duration::from_secs(10), self.audit_writer)
             .await

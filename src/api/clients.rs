@@ -5,7 +5,7 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 
-use super::require_role;
+use super::{json_body, require_role};
 use crate::gate::{ApiClient, ClientKeys, ClientStatus, NewApiClient, Role, ScopeSet};
 use crate::http::ApiError;
 use crate::startup::AppState;
@@ -49,25 +49,6 @@ struct NewClient {
     scope: Option<String>,
     #[serde(flatten)]
     keys: Keys,
-}
-
-fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        // serde's messages can quote the offending value: only a missing field's name is echoed.
-        let message = e.to_string();
-        let detail = match e.classify() {
-            serde_json::error::Category::Data if message.starts_with("missing field") => message
-                .split(" at line")
-                .next()
-                .unwrap_or_default()
-                .to_owned(),
-            serde_json::error::Category::Data => {
-                "a field is unknown or has the wrong type".to_owned()
-            }
-            _ => "the body is not JSON".to_owned(),
-        };
-        ApiError::BadRequest(format!("invalid JSON body: {detail}"))
-    })
 }
 
 /// The client, if it belongs to `practice`; another practice's client is indistinguishable from

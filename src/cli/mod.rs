@@ -4,10 +4,12 @@
 
 mod connections;
 mod healthcheck;
+mod outbox;
 mod sandbox;
 mod sync;
 
 pub use connections::ConnectionsCommand;
+pub use outbox::OutboxCommand;
 pub use sandbox::{sandbox_spec, SandboxArgs};
 pub use sync::SyncCommand;
 
@@ -55,6 +57,9 @@ pub enum Command {
     /// Nightly pulls: run one now, show schedules, watermarks and runs.
     #[command(subcommand)]
     Sync(SyncCommand),
+    /// Claim-status pushes: list the updates that could not be delivered, replay one.
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
     /// Try a full pull locally: EHR simulators with synthetic patients, a connection to each,
     /// one pull through the real adapters into the configured database.
     Sandbox(SandboxArgs),
@@ -271,6 +276,7 @@ async fn dispatch(command: Command, settings: Settings) -> Result<(), CliError> 
         Command::Practices(cmd) => practices(cmd, settings).await,
         Command::Clients(cmd) => clients(cmd, settings).await,
         Command::Connections(cmd) => connections::run(cmd, settings).await,
+        Command::Outbox(cmd) => outbox::run(cmd, settings).await,
         Command::Sandbox(args) => sandbox::run(args, settings).await,
         Command::Sync(cmd) => sync::run(cmd, settings).await,
         Command::Audit(cmd) => audit(cmd, settings).await,

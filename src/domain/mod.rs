@@ -1,9 +1,11 @@
 //! Domain types whose constructor is the only way in: once a value has its type, nobody re-checks it.
 //! Error messages name the rule that failed, never the rejected value (it may be PHI).
 
+mod claim_status;
 mod ids;
 mod practice;
 
+pub use claim_status::ClaimStatus;
 pub use ids::{new_resource_id, ResourceId};
 pub use practice::{NewPractice, Npi, Practice, PracticeName, TaxId, TimeZoneName};
 

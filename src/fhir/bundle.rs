@@ -794,12 +794,27 @@ async fn execute(
         }
     }
     if !writes.is_empty() {
+        // The claim-status updates the writes report (ClaimResponses), in the same transaction.
+        let prepared: Vec<&Prepared> = planned
+            .iter()
+            .filter_map(|p| match p {
+                Some(Planned::Write { prepared, .. }) => Some(prepared),
+                _ => None,
+            })
+            .collect();
+        let outbox = crate::sync::outbox::rows::for_fhir_writes(state, practice, &prepared)
+            .await
+            .map_err(|err| Failure::from_api(err, 0))?;
         match state
             .store
-            .write_resources(practice, &writes, &events)
+            .write_resources_with_outbox(practice, &writes, &events, &outbox)
             .await
         {
-            Ok(()) => {}
+            Ok(()) => {
+                if !outbox.is_empty() {
+                    state.outbox.written();
+                }
+            }
             Err(StoreError::VersionConflict { index }) => {
                 let entry = slot_of_write
                     .get(index)

@@ -23,6 +23,7 @@ pub struct Metrics {
     rate_limited: IntCounterVec,
     queue_depth: IntGaugeVec,
     queue_oldest: GaugeVec,
+    dead_letters: IntGaugeVec,
 }
 
 impl Metrics {
@@ -76,8 +77,17 @@ impl Metrics {
             &["queue", "connection"],
         )
         .expect("valid metric");
+        let dead_letters = IntGaugeVec::new(
+            Opts::new(
+                "outbox_dead_letters",
+                "Claim-status updates moved to the dead letters, by connection",
+            ),
+            &["connection"],
+        )
+        .expect("valid metric");
         for collector in [
-            Box::new(queue_depth.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(dead_letters.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(queue_depth.clone()),
             Box::new(queue_oldest.clone()),
             Box::new(rate_limited.clone()),
             Box::new(requests.clone()),
@@ -100,6 +110,7 @@ impl Metrics {
             rate_limited,
             queue_depth,
             queue_oldest,
+            dead_letters,
         }
     }
 
@@ -136,6 +147,15 @@ impl Metrics {
             self.queue_oldest
                 .with_label_values(&labels)
                 .set(q.oldest_age_secs);
+        }
+    }
+
+    pub fn observe_dead_letters(&self, counts: &[(String, i64)]) {
+        self.dead_letters.reset();
+        for (connection, n) in counts {
+            self.dead_letters
+                .with_label_values(&[connection.as_str()])
+                .set(*n);
         }
     }
 

@@ -91,6 +91,10 @@ async fn metrics_text(state: web::Data<AppState>) -> HttpResponse {
         Ok(Ok(health)) => state.metrics.observe_queues(&health),
         Ok(Err(_)) | Err(_) => tracing::warn!("queue depths not read for /metrics"),
     }
+    match tokio::time::timeout(Duration::from_secs(2), queues::dead_letters(&*state.store)).await {
+        Ok(Ok(counts)) => state.metrics.observe_dead_letters(&counts),
+        Ok(Err(_)) | Err(_) => tracing::warn!("dead letters not counted for /metrics"),
+    }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(state.metrics.render())

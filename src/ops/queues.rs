@@ -19,12 +19,19 @@ pub struct QueueHealth {
     pub oldest_age_secs: f64,
 }
 
+/// Dead letters per connection (claim-status updates that need a person).
+pub async fn dead_letters(store: &dyn Store) -> Result<Vec<(String, i64)>, StoreError> {
+    store.outbox().dead_letter_counts().await
+}
+
 /// Every queue's standing now.
 pub async fn queue_health(store: &dyn Store) -> Result<Vec<QueueHealth>, StoreError> {
     let now = OffsetDateTime::now_utc();
     let mut out = Vec::new();
-    let queues: [(&'static str, Vec<QueueStat>); 1] =
-        [("quarantine", store.jobs().quarantine_stats().await?)];
+    let queues: [(&'static str, Vec<QueueStat>); 2] = [
+        ("outbox", store.outbox().queue_stats().await?),
+        ("quarantine", store.jobs().quarantine_stats().await?),
+    ];
     for (queue, stats) in queues {
         for s in stats {
             let oldest_age_secs = s

@@ -49,6 +49,11 @@ pub(crate) const SQLITE: Embedded = Embedded(&[
         "sync_jobs",
         include_str!("../../migrations/sqlite/0008_sync_jobs.sql"),
     ),
+    (
+        10,
+        "claim_outbox",
+        include_str!("../../migrations/sqlite/0010_claim_outbox.sql"),
+    ),
 ]);
 
 pub(crate) const POSTGRES: Embedded = Embedded(&[
@@ -91,6 +96,11 @@ pub(crate) const POSTGRES: Embedded = Embedded(&[
         8,
         "sync_jobs",
         include_str!("../../migrations/postgres/0008_sync_jobs.sql"),
+    ),
+    (
+        10,
+        "claim_outbox",
+        include_str!("../../migrations/postgres/0010_claim_outbox.sql"),
     ),
 ]);
 

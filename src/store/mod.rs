@@ -6,6 +6,7 @@ pub(crate) mod connections;
 pub(crate) mod export;
 pub(crate) mod jobs;
 mod migrations;
+pub(crate) mod outbox;
 mod postgres;
 mod resources;
 mod sqlite;
@@ -29,6 +30,9 @@ pub use export::{
 pub(crate) use jobs::JOB_COLUMNS;
 pub use jobs::{JobRun, JobStore, NewJobRun, QuarantineRow, QuarantinedRecord, RunCounts};
 pub use migrations::MigrationStatus;
+pub use outbox::{
+    ClaimState, ClaimStatusChange, DeadLetter, NewOutboxRow, OutboxRow, OutboxStore, PushSource,
+};
 pub use postgres::PgStore;
 pub use resources::{
     Bound, CmpOp, Cond, Expect, IndexMatch, IndexRow, ResourceQuery, ResourceWrite, SealedVersion,
@@ -238,6 +242,24 @@ pub trait Store: Send + Sync + 'static {
         practice: &ResourceId,
         writes: &[ResourceWrite],
         audit: &[NewAuditEvent],
+    ) -> Result<(), StoreError> {
+        self.write_resources_with_outbox(practice, writes, audit, &[])
+            .await
+    }
+    /// [`Store::write_resources`], with claim-status outbox rows committed in the same
+    /// transaction (a ClaimResponse written through the FHIR API reports a claim's new status).
+    ///
+    /// Why a list carried with the write rather than a transaction handle: the resource write
+    /// is one method of one backend's SQL, taking its own transaction, and every other caller
+    /// (pulls, bulk writes) has nothing to add. The rows ride along as plain data, the method
+    /// inserts them after the versions and before the audit events, and `write_resources` is
+    /// this method with no rows, so no other caller changes.
+    async fn write_resources_with_outbox(
+        &self,
+        practice: &ResourceId,
+        writes: &[ResourceWrite],
+        audit: &[NewAuditEvent],
+        outbox: &[NewOutboxRow],
     ) -> Result<(), StoreError>;
     /// The head version of each of `ids` that exists in the practice (deleted or not): what an
     /// update of many resources at once expects.
@@ -296,6 +318,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Job runs (pulls), the quarantine and pull digests.
     fn jobs(&self) -> &dyn JobStore;
+
+    /// Claim statuses and the claim-status outbox with its dead letters.
+    fn outbox(&self) -> &dyn OutboxStore;
 
     /// Closes the pool, waiting for connections in use to be returned.
     async fn close(&self);

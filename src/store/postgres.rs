@@ -11,6 +11,7 @@ use super::connections::shared_connection_sql;
 use super::export::shared_export_sql;
 use super::jobs::shared_job_sql;
 use super::migrations::{MigrationStatus, POSTGRES};
+use super::outbox::shared_outbox_sql;
 use super::resources::shared_resource_sql;
 use super::{
     key_columns, now, retention_floor, AuditQuery, Backend, PoolOptions, PoolStats, ResourceQuery,
@@ -71,6 +72,30 @@ impl PgStore {
         self.begin_tenant(practice).await
     }
 
+    /// `LISTEN`s for outbox writes on a connection of its own, for as long as the receiver
+    /// lives. Each notification, and each reconnection (notifications sent meanwhile are lost),
+    /// is one wake-up; the dispatcher's poll covers what a lost connection missed.
+    async fn outbox_wakeups(&self) -> Result<Option<tokio::sync::mpsc::Receiver<()>>, StoreError> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        listener.listen(super::outbox::OUTBOX_CHANNEL).await?;
+        let (wake, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = wake.closed() => break,
+                    received = listener.recv() => {
+                        if received.is_err() {
+                            // Reconnecting failed: try again shortly.
+                            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        }
+                        let _ = wake.try_send(());
+                    }
+                }
+            }
+        });
+        Ok(Some(rx))
+    }
+
     /// PostgreSQL writes concurrently: no queue.
     async fn write_turn(&self) -> Option<()> {
         None
@@ -81,6 +106,14 @@ shared_resource_sql!(PgStore, Postgres, sqlx::postgres::PgRow, " FOR UPDATE");
 shared_export_sql!(PgStore, Postgres, sqlx::postgres::PgRow);
 shared_connection_sql!(PgStore, Postgres, sqlx::postgres::PgRow);
 shared_job_sql!(PgStore, Postgres, sqlx::postgres::PgRow);
+shared_outbox_sql!(
+    PgStore,
+    Postgres,
+    sqlx::postgres::PgRow,
+    " FOR UPDATE",
+    " FOR UPDATE SKIP LOCKED",
+    "SELECT pg_notify('fhirgate_claim_outbox', '')"
+);
 
 fn practice_from(row: &PgRow) -> Result<Practice, sqlx::Error> {
     Ok(Practice {
@@ -542,13 +575,15 @@ impl Store for PgStore {
         Ok(purged)
     }
 
-    async fn write_resources(
+    async fn write_resources_with_outbox(
         &self,
         practice: &ResourceId,
         writes: &[ResourceWrite],
         audit: &[NewAuditEvent],
+        outbox: &[super::NewOutboxRow],
     ) -> Result<(), StoreError> {
-        self.shared_write_resources(practice, writes, audit).await
+        self.shared_write_resources(practice, writes, audit, outbox)
+            .await
     }
 
     async fn head_versions(
@@ -627,6 +662,10 @@ impl Store for PgStore {
     }
 
     fn jobs(&self) -> &dyn super::JobStore {
+        self
+    }
+
+    fn outbox(&self) -> &dyn super::OutboxStore {
         self
     }
 

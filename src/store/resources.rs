@@ -366,6 +366,7 @@ macro_rules! shared_resource_sql {
                 practice: &$crate::domain::ResourceId,
                 writes: &[$crate::store::ResourceWrite],
                 audit: &[$crate::audit::NewAuditEvent],
+                outbox: &[$crate::store::NewOutboxRow],
             ) -> Result<(), $crate::store::StoreError> {
                 use $crate::store::{Expect, StoreError, INDEX_INSERT_CHUNK, ROW_INSERT_CHUNK};
                 let _turn = self.write_turn().await;
@@ -493,7 +494,11 @@ macro_rules! shared_resource_sql {
                     });
                     insert.build().execute(&mut *tx).await?;
                 }
-                Self::append_audit_in(&mut tx, audit, $crate::store::now()).await?;
+                // The claim-status updates these writes report (a ClaimResponse), committed
+                // with them: see `Store::write_resources_with_outbox`.
+                let now = $crate::store::now();
+                Self::insert_outbox_in(&mut tx, outbox, $crate::store::jobs::micros(now)).await?;
+                Self::append_audit_in(&mut tx, audit, now).await?;
                 tx.commit().await?;
                 Ok(())
             }

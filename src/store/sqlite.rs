@@ -14,6 +14,7 @@ use super::connections::shared_connection_sql;
 use super::export::shared_export_sql;
 use super::jobs::shared_job_sql;
 use super::migrations::{MigrationStatus, SQLITE};
+use super::outbox::shared_outbox_sql;
 use super::resources::shared_resource_sql;
 use super::{
     key_columns, now, retention_floor, AuditQuery, Backend, PoolOptions, PoolStats, ResourceQuery,
@@ -73,6 +74,11 @@ impl SqliteStore {
         Ok(self.pool.begin().await?)
     }
 
+    /// SQLite has no notifications between processes: dispatchers poll.
+    async fn outbox_wakeups(&self) -> Result<Option<tokio::sync::mpsc::Receiver<()>>, StoreError> {
+        Ok(None)
+    }
+
     /// Waits for this process's turn to write (see `writer`).
     async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
         Some(self.writer.lock().await)
@@ -83,6 +89,7 @@ shared_resource_sql!(SqliteStore, Sqlite, sqlx::sqlite::SqliteRow, "");
 shared_export_sql!(SqliteStore, Sqlite, sqlx::sqlite::SqliteRow);
 shared_connection_sql!(SqliteStore, Sqlite, sqlx::sqlite::SqliteRow);
 shared_job_sql!(SqliteStore, Sqlite, sqlx::sqlite::SqliteRow);
+shared_outbox_sql!(SqliteStore, Sqlite, sqlx::sqlite::SqliteRow, "", "", "");
 
 fn practice_from(row: &SqliteRow) -> Result<Practice, sqlx::Error> {
     Ok(Practice {
@@ -522,13 +529,15 @@ impl Store for SqliteStore {
         Ok(purged)
     }
 
-    async fn write_resources(
+    async fn write_resources_with_outbox(
         &self,
         practice: &ResourceId,
         writes: &[ResourceWrite],
         audit: &[NewAuditEvent],
+        outbox: &[super::NewOutboxRow],
     ) -> Result<(), StoreError> {
-        self.shared_write_resources(practice, writes, audit).await
+        self.shared_write_resources(practice, writes, audit, outbox)
+            .await
     }
 
     async fn head_versions(
@@ -607,6 +616,10 @@ impl Store for SqliteStore {
     }
 
     fn jobs(&self) -> &dyn super::JobStore {
+        self
+    }
+
+    fn outbox(&self) -> &dyn super::OutboxStore {
         self
     }
 

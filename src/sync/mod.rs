@@ -1,10 +1,12 @@
 //! The gateway's outbound side: its EHR connections, the adapters built for them, and the audit
-//! of every call they make. Pulls, webhooks and the claim-status outbox (issue 6) build on this.
+//! of every call they make; pulls, and the claim-status outbox ([`outbox`]) that pushes claim
+//! statuses to the EHRs.
 //! Never logs a credential, a resource or a URL with a query string.
 
 pub mod connections;
 pub mod jobs;
 pub mod outbound_audit;
+pub mod outbox;
 pub mod pull;
 pub mod scheduler;
 
@@ -13,6 +15,7 @@ pub use connections::{
 };
 pub use jobs::{JobError, PullJobs, StartedBy, SyncSettings};
 pub use outbound_audit::AuditedCalls;
+pub use outbox::{ClaimOutbox, OutboxSettings};
 pub use pull::{
     ingest, on_page, pull, PullError, PullOptions, PullProgress, PullReport, PullTarget,
 };

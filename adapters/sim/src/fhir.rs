@@ -591,6 +591,7 @@ pub(crate) async fn create_claim_response(
             outcome: outcome_code,
             disposition: res["disposition"].as_str().map(str::to_string),
             resource: res.clone(),
+            applied_at: time::OffsetDateTime::now_utc(),
         });
     drop(claims);
     AtomicCounters::bump(&sh.counters.claim_updates_applied);

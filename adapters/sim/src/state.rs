@@ -232,6 +232,9 @@ pub struct ClaimUpdate {
     pub disposition: Option<String>,
     /// The stored ClaimResponse (with its id and meta).
     pub resource: Value,
+    /// When the simulator applied it (stored it), on the system clock: what a benchmark
+    /// measures delivery latency to.
+    pub applied_at: time::OffsetDateTime,
 }
 
 #[derive(Debug, Default)]

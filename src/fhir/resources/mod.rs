@@ -164,7 +164,7 @@ pub(crate) fn etag(version_id: i64) -> String {
 }
 
 /// The version an `If-Match` header names: `W/"3"` (or `"3"`, which some clients send).
-fn if_match(req: &HttpRequest) -> Result<Option<i64>, ApiError> {
+pub(crate) fn if_match(req: &HttpRequest) -> Result<Option<i64>, ApiError> {
     let Some(value) = req.headers().get(header::IF_MATCH) else {
         return Ok(None);
     };
@@ -414,7 +414,8 @@ pub(crate) fn prepare(
     })
 }
 
-/// Writes one prepared version with its audit event (in the same transaction) and marks the
+/// Writes one prepared version with its audit event and the claim-status outbox rows it
+/// reports (a ClaimResponse; see `sync::outbox`), all in the same transaction, and marks the
 /// request audited.
 async fn commit(
     state: &AppState,
@@ -423,6 +424,7 @@ async fn commit(
     prepared: &Prepared,
     action: Action,
     status: StatusCode,
+    outbox: &[crate::store::NewOutboxRow],
 ) -> Result<(), StoreError> {
     let mut event = request_event(req, status);
     event.action = Some(action);
@@ -436,9 +438,17 @@ async fn commit(
     };
     state
         .store
-        .write_resources(practice, std::slice::from_ref(&prepared.write), &audit)
+        .write_resources_with_outbox(
+            practice,
+            std::slice::from_ref(&prepared.write),
+            &audit,
+            outbox,
+        )
         .await?;
     req.extensions_mut().insert(AuditedInTransaction);
+    if !outbox.is_empty() {
+        state.outbox.written();
+    }
     Ok(())
 }
 
@@ -553,6 +563,9 @@ async fn create(
         id.as_str(),
         Expect::Absent,
     )?;
+    let outbox =
+        crate::sync::outbox::rows::for_fhir_writes(&state, &caller.practice_id, &[&prepared])
+            .await?;
     commit(
         &state,
         &req,
@@ -560,6 +573,7 @@ async fn create(
         &prepared,
         Action::Create,
         StatusCode::CREATED,
+        &outbox,
     )
     .await?;
     write_response(&req, &state, kind, StatusCode::CREATED, &prepared)
@@ -681,7 +695,20 @@ async fn update(
         } else {
             Action::Update
         };
-        match commit(&state, &req, &caller.practice_id, &prepared, action, status).await {
+        let outbox =
+            crate::sync::outbox::rows::for_fhir_writes(&state, &caller.practice_id, &[&prepared])
+                .await?;
+        match commit(
+            &state,
+            &req,
+            &caller.practice_id,
+            &prepared,
+            action,
+            status,
+            &outbox,
+        )
+        .await
+        {
             Ok(()) => return write_response(&req, &state, kind, status, &prepared),
             Err(StoreError::VersionConflict { .. }) if expected.is_some() => {
                 return Err(ApiError::PreconditionFailed(
@@ -728,6 +755,7 @@ async fn delete(
             &prepared,
             Action::Delete,
             StatusCode::NO_CONTENT,
+            &[],
         )
         .await
         {
