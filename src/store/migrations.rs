@@ -44,6 +44,16 @@ pub(crate) const SQLITE: Embedded = Embedded(&[
         "ehr_connections",
         include_str!("../../migrations/sqlite/0007_ehr_connections.sql"),
     ),
+    (
+        8,
+        "sync_jobs",
+        include_str!("../../migrations/sqlite/0008_sync_jobs.sql"),
+    ),
+    (
+        9,
+        "webhook_inbox",
+        include_str!("../../migrations/sqlite/0009_webhook_inbox.sql"),
+    ),
 ]);
 
 pub(crate) const POSTGRES: Embedded = Embedded(&[
@@ -81,6 +91,16 @@ pub(crate) const POSTGRES: Embedded = Embedded(&[
         7,
         "ehr_connections",
         include_str!("../../migrations/postgres/0007_ehr_connections.sql"),
+    ),
+    (
+        8,
+        "sync_jobs",
+        include_str!("../../migrations/postgres/0008_sync_jobs.sql"),
+    ),
+    (
+        9,
+        "webhook_inbox",
+        include_str!("../../migrations/postgres/0009_webhook_inbox.sql"),
     ),
 ]);
 

@@ -4,6 +4,7 @@
 
 pub(crate) mod connections;
 pub(crate) mod export;
+pub(crate) mod inbox;
 pub(crate) mod jobs;
 mod migrations;
 mod postgres;
@@ -25,6 +26,10 @@ pub use connections::{ConnectionStore, NewConnection, StoredConnection};
 pub use export::{
     ExportCursor, ExportEnd, ExportFile, ExportJob, ExportLevel, ExportQuery, ExportScope,
     ExportStatus, ExportStep, ExportStore, NewExportJob, SealedChunk,
+};
+pub use inbox::{
+    Accepted, ClaimedEvent, InboxAccept, InboxEntry, InboxKind, InboxStore, NewInboxEvent,
+    SequenceMark,
 };
 pub(crate) use jobs::JOB_COLUMNS;
 pub use jobs::{JobRun, JobStore, NewJobRun, QuarantineRow, QuarantinedRecord, RunCounts};
@@ -296,6 +301,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Job runs (pulls), the quarantine and pull digests.
     fn jobs(&self) -> &dyn JobStore;
+
+    /// The webhook inbox (patient-change events waiting for the worker).
+    fn inbox(&self) -> &dyn InboxStore;
 
     /// Closes the pool, waiting for connections in use to be returned.
     async fn close(&self);

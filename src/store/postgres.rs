@@ -9,6 +9,7 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use super::connections::shared_connection_sql;
 use super::export::shared_export_sql;
+use super::inbox::shared_inbox_sql;
 use super::jobs::shared_job_sql;
 use super::migrations::{MigrationStatus, POSTGRES};
 use super::resources::shared_resource_sql;
@@ -81,6 +82,7 @@ shared_resource_sql!(PgStore, Postgres, sqlx::postgres::PgRow, " FOR UPDATE");
 shared_export_sql!(PgStore, Postgres, sqlx::postgres::PgRow);
 shared_connection_sql!(PgStore, Postgres, sqlx::postgres::PgRow);
 shared_job_sql!(PgStore, Postgres, sqlx::postgres::PgRow);
+shared_inbox_sql!(PgStore, Postgres, sqlx::postgres::PgRow, " FOR UPDATE SKIP LOCKED", " FOR UPDATE");
 
 fn practice_from(row: &PgRow) -> Result<Practice, sqlx::Error> {
     Ok(Practice {
@@ -627,6 +629,10 @@ impl Store for PgStore {
     }
 
     fn jobs(&self) -> &dyn super::JobStore {
+        self
+    }
+
+    fn inbox(&self) -> &dyn super::InboxStore {
         self
     }
 

@@ -12,6 +12,7 @@ use sqlx::{Row, Sqlite, SqlitePool};
 
 use super::connections::shared_connection_sql;
 use super::export::shared_export_sql;
+use super::inbox::shared_inbox_sql;
 use super::jobs::shared_job_sql;
 use super::migrations::{MigrationStatus, SQLITE};
 use super::resources::shared_resource_sql;
@@ -83,6 +84,7 @@ shared_resource_sql!(SqliteStore, Sqlite, sqlx::sqlite::SqliteRow, "");
 shared_export_sql!(SqliteStore, Sqlite, sqlx::sqlite::SqliteRow);
 shared_connection_sql!(SqliteStore, Sqlite, sqlx::sqlite::SqliteRow);
 shared_job_sql!(SqliteStore, Sqlite, sqlx::sqlite::SqliteRow);
+shared_inbox_sql!(SqliteStore, Sqlite, sqlx::sqlite::SqliteRow, "", "");
 
 fn practice_from(row: &SqliteRow) -> Result<Practice, sqlx::Error> {
     Ok(Practice {
@@ -607,6 +609,10 @@ impl Store for SqliteStore {
     }
 
     fn jobs(&self) -> &dyn super::JobStore {
+        self
+    }
+
+    fn inbox(&self) -> &dyn super::InboxStore {
         self
     }
 
