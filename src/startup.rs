@@ -48,6 +48,8 @@ pub struct AppState {
     pub skip_audit: bool,
     /// EHR connections and the adapter registry.
     pub connections: crate::sync::Connections,
+    /// Patient-change webhooks: settings, payload cipher, this instance's inbox worker.
+    pub webhooks: crate::sync::webhooks::Webhooks,
 }
 
 /// Options that are not configuration. Nothing in the CLI or the config files can set them.
@@ -92,6 +94,7 @@ pub struct Application {
     store: Arc<dyn Store>,
     audit_writer: tokio::task::JoinHandle<()>,
     exports: fhir::export::Exports,
+    webhooks: crate::sync::webhooks::Webhooks,
 }
 
 /// The mapping profiles: built-in, with the configured folder's over them.
@@ -206,9 +209,12 @@ impl Application {
             exports: fhir::export::Exports::new(&settings.export, &api),
             skip_audit: options.skip_audit,
             connections,
+            webhooks: crate::sync::webhooks::Webhooks::new(&settings.webhooks, master.keyring()),
         });
         let exports = state.exports.clone();
         fhir::export::start(state.clone());
+        let webhooks = state.webhooks.clone();
+        crate::sync::webhooks::Webhooks::start(state.clone());
 
         let mut server = HttpServer::new(move || {
             App::new()
@@ -228,6 +234,7 @@ impl Application {
                 )
                 .configure(|cfg| fhir::configure(&api, cfg))
                 .configure(crate::api::configure)
+                .configure(crate::sync::webhooks::configure)
                 .default_service(web::to(not_found))
         })
         .shutdown_timeout(settings.shutdown_timeout_secs);
@@ -248,6 +255,7 @@ impl Application {
             store,
             audit_writer,
             exports,
+            webhooks,
         })
     }
 
@@ -279,6 +287,8 @@ impl Application {
         // Export runners stop after their current page and release their jobs, which the next
         // instance to sweep resumes.
         self.exports.shutdown(Duration::from_secs(5)).await;
+        // The webhook worker finishes the events in hand (or gives them back) first.
+        self.webhooks.shutdown(Duration::from_secs(5)).await;
         // The server's handles to the audit writer are gone with it: let it drain, then close.
         if tokio::time::timeout(Duration::from_secs(10), self.audit_writer)
             .await

@@ -5,6 +5,7 @@
 pub mod connections;
 pub mod outbound_audit;
 pub mod pull;
+pub mod webhooks;
 
 pub use connections::{
     ConnectionError, ConnectionInfo, ConnectionSpec, Connections, OpenedConnection,
