@@ -506,7 +506,10 @@ macro_rules! shared_inbox_sql {
                 }
                 q.push(" ORDER BY received_us, id LIMIT ").push_bind(limit);
                 let rows = q.build().fetch_all(&self.pool).await?;
-                Ok(rows.iter().map(inbox_entry_from).collect::<Result<_, _>>()?)
+                Ok(rows
+                    .iter()
+                    .map(inbox_entry_from)
+                    .collect::<Result<_, _>>()?)
             }
 
             async fn queue_stats(
@@ -561,7 +564,10 @@ mod tests {
     #[test]
     fn an_event_past_the_next_one_is_a_gap() {
         assert!(reveals_gap(1, &mark(Some(3), 3)));
-        assert!(reveals_gap(0, &mark(Some(2), 2)), "the first event was never seen");
+        assert!(
+            reveals_gap(0, &mark(Some(2), 2)),
+            "the first event was never seen"
+        );
     }
 
     #[test]

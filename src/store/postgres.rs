@@ -82,7 +82,13 @@ shared_resource_sql!(PgStore, Postgres, sqlx::postgres::PgRow, " FOR UPDATE");
 shared_export_sql!(PgStore, Postgres, sqlx::postgres::PgRow);
 shared_connection_sql!(PgStore, Postgres, sqlx::postgres::PgRow);
 shared_job_sql!(PgStore, Postgres, sqlx::postgres::PgRow);
-shared_inbox_sql!(PgStore, Postgres, sqlx::postgres::PgRow, " FOR UPDATE SKIP LOCKED", " FOR UPDATE");
+shared_inbox_sql!(
+    PgStore,
+    Postgres,
+    sqlx::postgres::PgRow,
+    " FOR UPDATE SKIP LOCKED",
+    " FOR UPDATE"
+);
 
 fn practice_from(row: &PgRow) -> Result<Practice, sqlx::Error> {
     Ok(Practice {

@@ -17,3 +17,4 @@ mod operations;
 mod patient;
 mod rate_limits;
 mod storage;
+mod webhooks;

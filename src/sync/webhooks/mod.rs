@@ -141,7 +141,9 @@ impl Webhooks {
             if tokio::time::timeout(grace, &mut task).await.is_err() {
                 task.abort();
                 let _ = task.await;
-                tracing::warn!("webhook worker stopped before finishing its events; they are given back");
+                tracing::warn!(
+                    "webhook worker stopped before finishing its events; they are given back"
+                );
             }
         }
     }
@@ -154,9 +156,12 @@ impl Webhooks {
 /// The webhook routes: outside the bearer gate (the EHR is not a gateway client), each request
 /// rate-limited per connection and audited by its handler.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/webhooks/{connection_id}", web::post().to(receive::receive))
-        .route(
-            "/webhooks/{connection_id}/Patient/{id}",
-            web::put().to(receive::receive_put),
-        );
+    cfg.route(
+        "/webhooks/{connection_id}",
+        web::post().to(receive::receive),
+    )
+    .route(
+        "/webhooks/{connection_id}/Patient/{id}",
+        web::put().to(receive::receive_put),
+    );
 }

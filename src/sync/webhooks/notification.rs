@@ -86,15 +86,18 @@ fn mac_of(key: &[u8], id: &str, timestamp: &str, body: &[u8]) -> Hmac<Sha256> {
 /// request under `key` (compared in constant time by `hmac`).
 pub fn signature_matches(key: &[u8], id: &str, timestamp: &str, body: &[u8], header: &str) -> bool {
     let mac = mac_of(key, id, timestamp, body);
-    header.split(' ').filter(|s| !s.is_empty()).any(|candidate| {
-        let Some(("v1", encoded)) = candidate.split_once(',') else {
-            return false;
-        };
-        match base64::engine::general_purpose::STANDARD.decode(encoded) {
-            Ok(signature) => mac.clone().verify_slice(&signature).is_ok(),
-            Err(_) => false,
-        }
-    })
+    header
+        .split(' ')
+        .filter(|s| !s.is_empty())
+        .any(|candidate| {
+            let Some(("v1", encoded)) = candidate.split_once(',') else {
+                return false;
+            };
+            match base64::engine::general_purpose::STANDARD.decode(encoded) {
+                Ok(signature) => mac.clone().verify_slice(&signature).is_ok(),
+                Err(_) => false,
+            }
+        })
 }
 
 /// The signature header value for a request (what a sender computes; tests and the bench).
@@ -242,7 +245,9 @@ fn rest_hook_patient(resource: Value, body: &[u8]) -> Result<Notification, Parse
         .ok_or(ParseError::Unknown("the Patient has no valid id"))?
         .to_owned();
     let meta = resource.get("meta");
-    let version = meta.and_then(|m| m.get("versionId")).and_then(Value::as_str);
+    let version = meta
+        .and_then(|m| m.get("versionId"))
+        .and_then(Value::as_str);
     let updated = meta
         .and_then(|m| m.get("lastUpdated"))
         .and_then(Value::as_str);
@@ -340,9 +345,8 @@ fn status_of(resource: &Value) -> Option<Status<'_>> {
                         .and_then(|r| r.get("reference"))
                         .and_then(Value::as_str)
                 });
-                let number = part(p, "event-number").and_then(|q| {
-                    number(q.get("valueString").or_else(|| q.get("valueInteger")))
-                });
+                let number = part(p, "event-number")
+                    .and_then(|q| number(q.get("valueString").or_else(|| q.get("valueInteger"))));
                 events.push(StatusEvent { number, focus });
             }
             Some(Status {
@@ -386,16 +390,19 @@ fn notification_bundle(bundle: &Value, body: &[u8]) -> Result<Notification, Pars
         .get("entry")
         .and_then(Value::as_array)
         .filter(|e| !e.is_empty())
-        .ok_or(ParseError::Unknown("the notification Bundle has no entries"))?;
+        .ok_or(ParseError::Unknown(
+            "the notification Bundle has no entries",
+        ))?;
     let status = entries[0].get("resource").and_then(status_of).ok_or(ParseError::Unknown(
         "the first entry of a notification Bundle must be a SubscriptionStatus (R4B/R5) or a backport Parameters (R4)",
     ))?;
-    let subscription = status
-        .subscription
-        .filter(|s| valid_event_id(s))
-        .ok_or(ParseError::Unknown(
-            "the subscription status names no subscription",
-        ))?;
+    let subscription =
+        status
+            .subscription
+            .filter(|s| valid_event_id(s))
+            .ok_or(ParseError::Unknown(
+                "the subscription status names no subscription",
+            ))?;
     let kind = status.kind.ok_or(ParseError::Unknown(
         "the subscription status has no notification type",
     ))?;
@@ -546,17 +553,32 @@ mod tests {
 
     #[test]
     fn a_bearer_token_must_equal_the_secret() {
-        assert!(bearer_matches("Bearer s3cret-token-123456", "s3cret-token-123456"));
-        assert!(bearer_matches("bearer s3cret-token-123456", "s3cret-token-123456"));
-        assert!(!bearer_matches("Bearer s3cret-token-12345", "s3cret-token-123456"));
-        assert!(!bearer_matches("Basic s3cret-token-123456", "s3cret-token-123456"));
-        assert!(!bearer_matches("s3cret-token-123456", "s3cret-token-123456"));
+        assert!(bearer_matches(
+            "Bearer s3cret-token-123456",
+            "s3cret-token-123456"
+        ));
+        assert!(bearer_matches(
+            "bearer s3cret-token-123456",
+            "s3cret-token-123456"
+        ));
+        assert!(!bearer_matches(
+            "Bearer s3cret-token-12345",
+            "s3cret-token-123456"
+        ));
+        assert!(!bearer_matches(
+            "Basic s3cret-token-123456",
+            "s3cret-token-123456"
+        ));
+        assert!(!bearer_matches(
+            "s3cret-token-123456",
+            "s3cret-token-123456"
+        ));
     }
 
     #[test]
     fn a_generic_event_names_one_patient() {
-        let n = parse_generic("evt-1", br#"{"type":"patient.changed","patient_id":"p-1"}"#)
-            .unwrap();
+        let n =
+            parse_generic("evt-1", br#"{"type":"patient.changed","patient_id":"p-1"}"#).unwrap();
         assert_eq!(
             n.events,
             vec![Event {
@@ -661,8 +683,8 @@ mod tests {
                 through: 2
             })
         );
-        let heartbeat = parse_fhir(r4_backport("heartbeat", "2", &[]).to_string().as_bytes())
-            .unwrap();
+        let heartbeat =
+            parse_fhir(r4_backport("heartbeat", "2", &[]).to_string().as_bytes()).unwrap();
         assert!(heartbeat.status_only && heartbeat.events.is_empty());
         // An Encounter focus is not followed.
         let encounter = r4_backport(
@@ -690,13 +712,19 @@ mod tests {
                 "{bad}"
             );
         }
-        assert_eq!(parse_fhir(b"{\"resourceType\":"), Err(ParseError::Malformed));
+        assert_eq!(
+            parse_fhir(b"{\"resourceType\":"),
+            Err(ParseError::Malformed)
+        );
     }
 
     #[test]
     fn focus_references_name_a_patient_in_any_form() {
         assert_eq!(patient_of("Patient/1"), Some("1"));
-        assert_eq!(patient_of("https://ehr.example/fhir/Patient/a.b-c"), Some("a.b-c"));
+        assert_eq!(
+            patient_of("https://ehr.example/fhir/Patient/a.b-c"),
+            Some("a.b-c")
+        );
         assert_eq!(patient_of("Patient/1/_history/2"), Some("1"));
         assert_eq!(patient_of("Encounter/1"), None);
         assert_eq!(patient_of("Patient/"), None);

@@ -74,7 +74,10 @@ impl ResponseError for WebhookError {
         let mut res = HttpResponse::build(self.status_code());
         res.insert_header((header::CONTENT_TYPE, FHIR_JSON));
         if let WebhookError::Unauthenticated(_) = self {
-            res.insert_header((header::WWW_AUTHENTICATE, r#"Bearer realm="fhirgate-webhooks""#));
+            res.insert_header((
+                header::WWW_AUTHENTICATE,
+                r#"Bearer realm="fhirgate-webhooks""#,
+            ));
         }
         res.body(serde_json::to_vec(&outcome).unwrap_or_default())
     }
@@ -249,7 +252,12 @@ async fn connection_and_secret(
     if !notification::valid_event_id(connection_id) {
         return Err(refused);
     }
-    let stored = match state.store.connections().get_connection(connection_id).await {
+    let stored = match state
+        .store
+        .connections()
+        .get_connection(connection_id)
+        .await
+    {
         Ok(stored) => stored,
         Err(StoreError::NotFound) => return Err(refused),
         Err(e) => return Err(e.into()),
@@ -336,7 +344,8 @@ async fn accept(
                 });
                 if parsed.events.is_empty() || !same {
                     return Err(WebhookError::BadRequest(
-                        "a PUT to /webhooks/{connection_id}/Patient/{id} carries that Patient".into(),
+                        "a PUT to /webhooks/{connection_id}/Patient/{id} carries that Patient"
+                            .into(),
                     ));
                 }
             }

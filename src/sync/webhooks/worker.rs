@@ -57,7 +57,9 @@ impl From<AdapterError> for Failure {
             AdapterError::Auth(_) => Failure::Dead("the EHR refused the gateway's credentials"),
             AdapterError::NotFound => Failure::Dead("the EHR has no such patient"),
             AdapterError::Permanent(_) => Failure::Dead("the EHR refused the request"),
-            AdapterError::Mapping(_) => Failure::Dead("the patient did not map to the internal model"),
+            AdapterError::Mapping(_) => {
+                Failure::Dead("the patient did not map to the internal model")
+            }
         }
     }
 }
@@ -86,7 +88,9 @@ impl From<ConnectionError> for Failure {
             ConnectionError::Sealed(_) => {
                 Failure::Dead("the connection's credential cannot be opened with the master keys")
             }
-            ConnectionError::Invalid { .. } => Failure::Dead("the connection's settings are invalid"),
+            ConnectionError::Invalid { .. } => {
+                Failure::Dead("the connection's settings are invalid")
+            }
             ConnectionError::Store(e) => e.into(),
         }
     }
@@ -153,7 +157,12 @@ pub(super) async fn run(state: web::Data<AppState>, hooks: Webhooks) {
             })
             .await;
     }
-    match state.store.inbox().release_events(&hooks.inner.runner).await {
+    match state
+        .store
+        .inbox()
+        .release_events(&hooks.inner.runner)
+        .await
+    {
         Ok(0) => {}
         Ok(n) => tracing::info!(events = n, "webhook events given back at shutdown"),
         Err(e) => tracing::warn!(error = %e, "webhook events not given back; their leases run out"),
@@ -292,7 +301,10 @@ async fn work(state: &AppState, row: &ClaimedEvent) -> Result<(), Failure> {
 
 fn open_payload(state: &AppState, row: &ClaimedEvent) -> Result<PatientEvent, Failure> {
     let unreadable = Failure::Dead("the event payload cannot be opened");
-    let sealed = row.payload.as_deref().ok_or(Failure::Dead("the event has no payload"))?;
+    let sealed = row
+        .payload
+        .as_deref()
+        .ok_or(Failure::Dead("the event has no payload"))?;
     let plain = state
         .webhooks
         .inner
@@ -317,6 +329,9 @@ mod tests {
             backoff(base, 1, Some(Duration::from_secs(7))),
             Duration::from_secs(7)
         );
-        assert_eq!(backoff(base, 3, Some(Duration::from_millis(10))), Duration::from_secs(2));
+        assert_eq!(
+            backoff(base, 3, Some(Duration::from_millis(10))),
+            Duration::from_secs(2)
+        );
     }
 }
