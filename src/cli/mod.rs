@@ -5,9 +5,11 @@
 mod connections;
 mod healthcheck;
 mod sandbox;
+mod webhooks;
 
 pub use connections::ConnectionsCommand;
 pub use sandbox::{sandbox_spec, SandboxArgs};
+pub use webhooks::WebhooksCommand;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,6 +52,9 @@ pub enum Command {
     /// Manage EHR connections (outbound: where pulls and claim-status pushes go).
     #[command(subcommand)]
     Connections(ConnectionsCommand),
+    /// The webhook inbox: list events (dead ones included) and retry dead ones.
+    #[command(subcommand)]
+    Webhooks(WebhooksCommand),
     /// Try a full pull locally: EHR simulators with synthetic patients, a connection to each,
     /// one pull through the real adapters into the configured database.
     Sandbox(SandboxArgs),
@@ -266,6 +271,7 @@ async fn dispatch(command: Command, settings: Settings) -> Result<(), CliError> 
         Command::Practices(cmd) => practices(cmd, settings).await,
         Command::Clients(cmd) => clients(cmd, settings).await,
         Command::Connections(cmd) => connections::run(cmd, settings).await,
+        Command::Webhooks(cmd) => webhooks::run(cmd, settings).await,
         Command::Sandbox(args) => sandbox::run(args, settings).await,
         Command::Audit(cmd) => audit(cmd, settings).await,
         Command::Keys(cmd) => keys(cmd, settings).await,

@@ -528,7 +528,36 @@ async fn fhir_subscription_notifications_are_answered_and_their_patients_upserte
     let (app, conn) = (&h.app, h.connection.as_str());
     let ids = h.sim.patient_ids();
 
-    // Handshake and heartbeat: 200, nothing queued.
+    // The backport IG's R4 handshake example (Bundle r4-notification-handshake), as published.
+    let ig_handshake = json!({
+        "resourceType": "Bundle",
+        "id": "r4-notification-handshake",
+        "meta": {"profile": ["http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription-notification-r4"]},
+        "type": "history",
+        "timestamp": "2020-05-29T11:44:13.1882432-05:00",
+        "entry": [{
+            "fullUrl": "urn:uuid:63c28e8a-f402-43e4-beb2-75b1c0f6833f",
+            "resource": {
+                "resourceType": "Parameters",
+                "id": "63c28e8a-f402-43e4-beb2-75b1c0f6833f",
+                "meta": {"profile": ["http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription-status-r4"]},
+                "parameter": [
+                    {"name": "subscription", "valueReference": {"reference": "https://example.org/fhir/Subscription/admission"}},
+                    {"name": "topic", "valueCanonical": "http://hl7.org/SubscriptionTopic/admission"},
+                    {"name": "status", "valueCode": "requested"},
+                    {"name": "type", "valueCode": "handshake"},
+                    {"name": "events-since-subscription-start", "valueString": "0"}
+                ]
+            },
+            "request": {"method": "GET", "url": "https://example.org/fhir/Subscription/admission/$status"},
+            "response": {"status": "200"}
+        }]
+    });
+    let (status, said) =
+        answer(post_fhir(app, conn, SECRET, &ig_handshake.to_string()).await).await;
+    assert_eq!((status, said.as_str()), (200, "notification received"));
+
+    // R4B handshake and heartbeat: 200, nothing queued.
     for (kind, since) in [("handshake", 0), ("heartbeat", 0)] {
         let (status, said) =
             answer(post_fhir(app, conn, SECRET, &r4b_notification(kind, since, &[], &[])).await)
@@ -761,10 +790,34 @@ async fn an_event_that_keeps_failing_is_dead_after_max_attempts_and_stays_visibl
         .iter()
         .all(|s| s.connection_id != conn));
 
-    // Once the EHR is back, reviving the dead event finishes it.
+    // The operator sees it, and once the EHR is back, retries it.
+    let cli = |args: &[&str]| {
+        let out = crate::binary::run(
+            crate::binary::fhirgate()
+                .arg("webhooks")
+                .args(args)
+                .env("FHIRGATE_DATABASE_URL", app.database_url.expose())
+                .env("FHIRGATE_MASTER_KEY", master_key()),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let listed = cli(&["list", "--connection", conn, "--status", "dead"]);
+    let lines: Vec<Value> = listed
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{listed}");
+    assert_eq!(lines[0]["status"], "dead");
+    assert_eq!(lines[0]["attempts"], 4);
+    assert!(!listed.contains(&patient), "{listed}");
     h.sim.controls().set_failure_rate(0.0);
-    let revived = app.store.inbox().revive_dead_events(conn, 0).await.unwrap();
-    assert_eq!(revived, 1);
+    let retried: Value = serde_json::from_str(&cli(&["retry", "--connection", conn])).unwrap();
+    assert_eq!(retried["revived"], 1);
     let done = settled(app, conn, 1).await;
     assert_eq!(done[0].status, "done", "{done:#?}");
     assert_eq!(found(app, &h.session.token, conn, &patient).await.len(), 1);
