@@ -209,7 +209,11 @@ impl Application {
             exports: fhir::export::Exports::new(&settings.export, &api),
             skip_audit: options.skip_audit,
             connections,
-            webhooks: crate::sync::webhooks::Webhooks::new(&settings.webhooks, master.keyring()),
+            webhooks: crate::sync::webhooks::Webhooks::new(
+                &settings.webhooks,
+                master.keyring(),
+                Arc::clone(&store),
+            ),
         });
         let exports = state.exports.clone();
         fhir::export::start(state.clone());

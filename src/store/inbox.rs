@@ -63,16 +63,18 @@ pub struct SequenceMark {
     pub through: i64,
 }
 
-/// One notification's writes, in one transaction.
+/// One notification's writes.
 #[derive(Debug, Clone)]
-pub struct InboxAccept<'a> {
-    pub practice_id: &'a ResourceId,
-    pub connection_id: &'a str,
+pub struct InboxAccept {
+    pub practice_id: ResourceId,
+    pub connection_id: String,
     pub received_us: i64,
-    pub events: &'a [NewInboxEvent],
-    pub sequence: Option<&'a SequenceMark>,
+    pub events: Vec<NewInboxEvent>,
+    pub sequence: Option<SequenceMark>,
     /// Written when `sequence` starts past what the subscription delivered before.
-    pub resync_on_gap: Option<&'a NewInboxEvent>,
+    pub resync_on_gap: Option<NewInboxEvent>,
+    /// The request's audit event, appended in the same transaction.
+    pub audit: Option<crate::audit::NewAuditEvent>,
 }
 
 /// What [`InboxStore::accept`] wrote.
@@ -125,9 +127,10 @@ pub struct InboxEntry {
 
 #[async_trait]
 pub trait InboxStore: Send + Sync {
-    /// Writes a notification's events (skipping duplicates) and advances its subscription's
-    /// sequence, in one transaction.
-    async fn accept(&self, accept: &InboxAccept<'_>) -> Result<Accepted, StoreError>;
+    /// Writes notifications in order, in one transaction (a group commit): each one's events
+    /// (skipping duplicates, also of an earlier notification of the batch), its subscription's
+    /// sequence and its audit event. One [`Accepted`] per notification.
+    async fn accept(&self, accepts: &[InboxAccept]) -> Result<Vec<Accepted>, StoreError>;
     /// Gives up to `limit` due rows nobody holds to `runner` until `lease_until_us`, counting an
     /// attempt on each.
     async fn claim_events(
@@ -219,7 +222,7 @@ macro_rules! shared_inbox_sql {
             /// Writes one event in `tx`; whether it was new.
             async fn insert_inbox_event(
                 tx: &mut sqlx::Transaction<'static, $db>,
-                accept: &$crate::store::inbox::InboxAccept<'_>,
+                accept: &$crate::store::inbox::InboxAccept,
                 event: &$crate::store::inbox::NewInboxEvent,
             ) -> Result<bool, sqlx::Error> {
                 let done = match event.kind {
@@ -232,7 +235,7 @@ macro_rules! shared_inbox_sql {
                         )
                         .bind(&event.id)
                         .bind(accept.practice_id.as_str())
-                        .bind(accept.connection_id)
+                        .bind(&accept.connection_id)
                         .bind(&event.event_key)
                         .bind(&event.payload)
                         .bind(accept.received_us)
@@ -253,7 +256,7 @@ macro_rules! shared_inbox_sql {
                         )
                         .bind(&event.id)
                         .bind(accept.practice_id.as_str())
-                        .bind(accept.connection_id)
+                        .bind(&accept.connection_id)
                         .bind(&event.event_key)
                         .bind(&event.payload)
                         .bind(accept.received_us)
@@ -263,68 +266,84 @@ macro_rules! shared_inbox_sql {
                 };
                 Ok(done.rows_affected() == 1)
             }
+
+            /// One notification's writes in `tx`.
+            async fn accept_one(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                accept: &$crate::store::inbox::InboxAccept,
+            ) -> Result<$crate::store::inbox::Accepted, sqlx::Error> {
+                let mut out = $crate::store::inbox::Accepted::default();
+                for event in &accept.events {
+                    if Self::insert_inbox_event(tx, accept, event).await? {
+                        out.stored += 1;
+                    } else {
+                        out.duplicates += 1;
+                    }
+                }
+                let Some(mark) = &accept.sequence else {
+                    return Ok(out);
+                };
+                sqlx::query(
+                    "INSERT INTO webhook_subscriptions (connection_id, subscription,
+                         practice_id, last_event, updated_us)
+                     VALUES ($1, $2, $3, 0, $4)
+                     ON CONFLICT (connection_id, subscription) DO NOTHING",
+                )
+                .bind(&accept.connection_id)
+                .bind(&mark.subscription)
+                .bind(accept.practice_id.as_str())
+                .bind(accept.received_us)
+                .execute(&mut **tx)
+                .await?;
+                let previous: i64 = sqlx::query_scalar(concat!(
+                    "SELECT last_event FROM webhook_subscriptions
+                     WHERE connection_id = $1 AND subscription = $2",
+                    $for_update
+                ))
+                .bind(&accept.connection_id)
+                .bind(&mark.subscription)
+                .fetch_one(&mut **tx)
+                .await?;
+                out.gap = $crate::store::inbox::reveals_gap(previous, mark);
+                let last = previous.max(mark.through).max(mark.first.unwrap_or(0));
+                if last != previous {
+                    sqlx::query(
+                        "UPDATE webhook_subscriptions SET last_event = $1, updated_us = $2
+                         WHERE connection_id = $3 AND subscription = $4",
+                    )
+                    .bind(last)
+                    .bind(accept.received_us)
+                    .bind(&accept.connection_id)
+                    .bind(&mark.subscription)
+                    .execute(&mut **tx)
+                    .await?;
+                }
+                if let (true, Some(resync)) = (out.gap, &accept.resync_on_gap) {
+                    if Self::insert_inbox_event(tx, accept, resync).await? {
+                        out.stored += 1;
+                    }
+                }
+                Ok(out)
+            }
         }
 
         #[async_trait::async_trait]
         impl $crate::store::inbox::InboxStore for $store {
             async fn accept(
                 &self,
-                accept: &$crate::store::inbox::InboxAccept<'_>,
-            ) -> Result<$crate::store::inbox::Accepted, $crate::store::StoreError> {
+                accepts: &[$crate::store::inbox::InboxAccept],
+            ) -> Result<Vec<$crate::store::inbox::Accepted>, $crate::store::StoreError> {
                 let _turn = self.write_turn().await;
                 let mut tx = self.pool.begin().await?;
-                let mut out = $crate::store::inbox::Accepted::default();
-                for event in accept.events {
-                    if Self::insert_inbox_event(&mut tx, accept, event).await? {
-                        out.stored += 1;
-                    } else {
-                        out.duplicates += 1;
-                    }
+                let mut results = Vec::with_capacity(accepts.len());
+                for accept in accepts {
+                    results.push(Self::accept_one(&mut tx, accept).await?);
                 }
-                if let Some(mark) = accept.sequence {
-                    sqlx::query(
-                        "INSERT INTO webhook_subscriptions (connection_id, subscription,
-                             practice_id, last_event, updated_us)
-                         VALUES ($1, $2, $3, 0, $4)
-                         ON CONFLICT (connection_id, subscription) DO NOTHING",
-                    )
-                    .bind(accept.connection_id)
-                    .bind(&mark.subscription)
-                    .bind(accept.practice_id.as_str())
-                    .bind(accept.received_us)
-                    .execute(&mut *tx)
-                    .await?;
-                    let previous: i64 = sqlx::query_scalar(concat!(
-                        "SELECT last_event FROM webhook_subscriptions
-                         WHERE connection_id = $1 AND subscription = $2",
-                        $for_update
-                    ))
-                    .bind(accept.connection_id)
-                    .bind(&mark.subscription)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                    out.gap = $crate::store::inbox::reveals_gap(previous, mark);
-                    let last = previous.max(mark.through).max(mark.first.unwrap_or(0));
-                    if last != previous {
-                        sqlx::query(
-                            "UPDATE webhook_subscriptions SET last_event = $1, updated_us = $2
-                             WHERE connection_id = $3 AND subscription = $4",
-                        )
-                        .bind(last)
-                        .bind(accept.received_us)
-                        .bind(accept.connection_id)
-                        .bind(&mark.subscription)
-                        .execute(&mut *tx)
-                        .await?;
-                    }
-                    if let (true, Some(resync)) = (out.gap, accept.resync_on_gap) {
-                        if Self::insert_inbox_event(&mut tx, accept, resync).await? {
-                            out.stored += 1;
-                        }
-                    }
-                }
+                let audit: Vec<$crate::audit::NewAuditEvent> =
+                    accepts.iter().filter_map(|a| a.audit.clone()).collect();
+                Self::append_audit_in(&mut tx, &audit, $crate::store::now()).await?;
                 tx.commit().await?;
-                Ok(out)
+                Ok(results)
             }
 
             async fn claim_events(

@@ -10,6 +10,7 @@
 //! a patient id, a name or a resource in clear, or advances a connection's watermark (the
 //! nightly pull's).
 
+mod commit;
 pub mod notification;
 mod receive;
 mod worker;
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::crypto::{FieldCipher, Keyring};
 use crate::startup::AppState;
+use crate::store::Store;
 
 /// The AAD column of sealed inbox payloads (`field_aad(PAYLOAD_COLUMN, row id)`).
 pub(crate) const PAYLOAD_COLUMN: &str = "webhook_inbox.payload";
@@ -37,6 +39,10 @@ pub(crate) struct PatientEvent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource: Option<serde_json::Value>,
 }
+
+/// How long a connection's webhook secret is kept open in memory: a new secret, or a disabled
+/// connection, applies to webhooks within this time.
+pub const CONNECTION_TTL: Duration = Duration::from_secs(10);
 
 /// `[webhooks]` settings.
 #[derive(Debug, Clone, Deserialize)]
@@ -95,24 +101,35 @@ pub struct Webhooks {
 struct Inner {
     settings: WebhookSettings,
     cipher: FieldCipher,
+    /// Commits accepted notifications in groups.
+    writer: commit::InboxWriter,
     /// Wakes the worker when this instance wrote rows.
     wake: tokio::sync::Notify,
     stop: tokio::sync::watch::Sender<bool>,
     /// Who this instance's claims are by.
     runner: String,
+    /// Connections webhooks were received for, with their secrets opened, for
+    /// [`CONNECTION_TTL`]: a request does not read and decrypt its connection every time.
+    connections: moka::future::Cache<String, Arc<receive::Receiver>>,
     worker: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Webhooks {
-    pub fn new(settings: &WebhookSettings, keyring: &Keyring) -> Self {
+    /// Starts the inbox writer on the current runtime (the worker starts with [`Self::start`]).
+    pub fn new(settings: &WebhookSettings, keyring: &Keyring, store: Arc<dyn Store>) -> Self {
         let (stop, _) = tokio::sync::watch::channel(false);
         Self {
             inner: Arc::new(Inner {
                 settings: settings.clone(),
                 cipher: FieldCipher::new(keyring),
+                writer: commit::InboxWriter::start(store),
                 wake: tokio::sync::Notify::new(),
                 stop,
                 runner: format!("webhooks-{}", uuid::Uuid::new_v4().simple()),
+                connections: moka::future::Cache::builder()
+                    .max_capacity(10_000)
+                    .time_to_live(CONNECTION_TTL)
+                    .build(),
                 worker: Mutex::new(None),
             }),
         }

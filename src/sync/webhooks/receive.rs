@@ -8,6 +8,8 @@
 //! anything unauthenticated (nothing stored), 413, 400, 429. Every request is audited
 //! (`webhook`, with the connection when known); no PHI goes to a log, an error or the audit.
 
+use std::sync::Arc;
+
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse, ResponseError};
 use fhir_sdk::r4b::codes::{IssueSeverity, IssueType};
@@ -22,7 +24,7 @@ use crate::gate::rate_limit::{add_headers, too_many, Decision};
 use crate::http::error::operation_outcome;
 use crate::http::{ApiError, FHIR_JSON};
 use crate::startup::AppState;
-use crate::store::{InboxAccept, InboxKind, NewInboxEvent, StoreError, StoredConnection};
+use crate::store::{InboxAccept, InboxKind, NewInboxEvent, StoreError};
 
 /// Why a webhook request was refused.
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +97,30 @@ struct Reply {
     status: StatusCode,
     diagnostics: String,
     limit: Option<Decision>,
+    /// Whether its audit event was written with its inbox rows.
+    audited: bool,
+}
+
+/// The audit event of a request answered with `status` (no PHI: ids of the connection and the
+/// request, network facts).
+fn audit_event(req: &HttpRequest, facts: &Facts, status: StatusCode) -> NewAuditEvent {
+    NewAuditEvent {
+        practice_id: facts.practice.clone(),
+        action: Some(Action::Webhook),
+        status_code: status.as_u16(),
+        connection_id: facts.connection.clone(),
+        source_ip: req.peer_addr().map(|a| a.ip().to_string()),
+        user_agent: req
+            .headers()
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.chars().take(256).collect()),
+        request_id: req
+            .extensions()
+            .get::<crate::http::observe::RequestId>()
+            .map(|r| r.0.clone()),
+        ..NewAuditEvent::default()
+    }
 }
 
 /// `POST /webhooks/{connection_id}`.
@@ -127,8 +153,10 @@ async fn handle(
     state: web::Data<AppState>,
 ) -> HttpResponse {
     let mut facts = Facts::default();
+    let mut audited = false;
     let response = match accept(&req, &connection_id, put_id, body, &state, &mut facts).await {
         Ok(reply) => {
+            audited = reply.audited;
             let outcome = operation_outcome(
                 IssueSeverity::Information,
                 IssueType::Informational,
@@ -152,27 +180,14 @@ async fn handle(
             err.error_response()
         }
     };
-    if state.skip_audit {
+    if state.skip_audit || audited {
         return response;
     }
-    let event = NewAuditEvent {
-        practice_id: facts.practice,
-        action: Some(Action::Webhook),
-        status_code: response.status().as_u16(),
-        connection_id: facts.connection,
-        source_ip: req.peer_addr().map(|a| a.ip().to_string()),
-        user_agent: req
-            .headers()
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.chars().take(256).collect()),
-        request_id: req
-            .extensions()
-            .get::<crate::http::observe::RequestId>()
-            .map(|r| r.0.clone()),
-        ..NewAuditEvent::default()
-    };
-    match state.audit.record(event).await {
+    match state
+        .audit
+        .record(audit_event(&req, &facts, response.status()))
+        .await
+    {
         Ok(()) => response,
         // Fail closed: the sender retries, and what was stored is recognised as a duplicate.
         Err(_) => ApiError::Unavailable.error_response(),
@@ -243,14 +258,27 @@ async fn read_body(
     Ok(body)
 }
 
-/// The connection, if it exists, is active and has a webhook secret; with that secret.
-async fn connection_and_secret(
+/// What a request needs of its connection: the ids and, if the connection is active and has
+/// one, its webhook secret.
+pub(super) struct Receiver {
+    id: String,
+    practice_id: ResourceId,
+    secret: Option<zeroize::Zeroizing<String>>,
+}
+
+/// The connection of a request (cached for [`super::CONNECTION_TTL`]); an unknown one is refused
+/// (and not cached, so it is recognised as soon as it is added).
+async fn receiver(
     state: &AppState,
+    hooks: &Webhooks,
     connection_id: &str,
-) -> Result<(StoredConnection, zeroize::Zeroizing<String>), WebhookError> {
+) -> Result<Arc<Receiver>, WebhookError> {
     let refused = WebhookError::Unauthenticated(AuthError::Refused);
     if !notification::valid_event_id(connection_id) {
         return Err(refused);
+    }
+    if let Some(known) = hooks.inner.connections.get(connection_id).await {
+        return Ok(known);
     }
     let stored = match state
         .store
@@ -262,17 +290,24 @@ async fn connection_and_secret(
         Err(StoreError::NotFound) => return Err(refused),
         Err(e) => return Err(e.into()),
     };
-    if !stored.active {
-        return Err(refused);
-    }
-    match state.connections.webhook_secret(&stored) {
-        Ok(Some(secret)) => Ok((stored, secret)),
-        Ok(None) => Err(refused),
+    let secret = match state.connections.webhook_secret(&stored) {
+        Ok(secret) => secret.filter(|_| stored.active),
         Err(e) => {
             tracing::error!(error = %e, "a webhook secret cannot be opened");
-            Err(ApiError::Internal.into())
+            return Err(ApiError::Internal.into());
         }
-    }
+    };
+    let receiver = Arc::new(Receiver {
+        id: stored.id,
+        practice_id: stored.practice_id,
+        secret,
+    });
+    hooks
+        .inner
+        .connections
+        .insert(connection_id.to_owned(), receiver.clone())
+        .await;
+    Ok(receiver)
 }
 
 fn unix_now() -> i64 {
@@ -296,9 +331,13 @@ async fn accept(
     let settings = hooks.settings();
     let body = read_body(req, payload, settings.max_body_bytes).await?;
     let proof = proof_of(req).map_err(WebhookError::Unauthenticated)?;
-    let (stored, secret) = connection_and_secret(state, connection_id).await?;
+    let stored = receiver(state, hooks, connection_id).await?;
     facts.practice = Some(stored.practice_id.clone());
     facts.connection = Some(stored.id.clone());
+    let secret = stored
+        .secret
+        .as_deref()
+        .ok_or(WebhookError::Unauthenticated(AuthError::Refused))?;
     let parsed = match proof {
         Proof::Signed {
             id,
@@ -308,20 +347,19 @@ async fn accept(
             let tolerance = i64::try_from(settings.tolerance_secs).unwrap_or(i64::MAX);
             notification::check_timestamp(timestamp, unix_now(), tolerance)
                 .map_err(WebhookError::Unauthenticated)?;
-            let key = notification::signing_key(&secret).map_err(WebhookError::Unauthenticated)?;
+            let key = notification::signing_key(secret).map_err(WebhookError::Unauthenticated)?;
             if !notification::signature_matches(&key, id, timestamp, &body, signatures) {
                 return Err(WebhookError::Unauthenticated(AuthError::Refused));
             }
             Proven::Generic(id.to_owned())
         }
         Proof::Bearer(authorization) => {
-            if !notification::bearer_matches(authorization, &secret) {
+            if !notification::bearer_matches(authorization, secret) {
                 return Err(WebhookError::Unauthenticated(AuthError::Refused));
             }
             Proven::Fhir
         }
     };
-    drop(secret);
     let decision = state.rate_limits.check_webhook(&stored.id);
     if let Decision::Limited { .. } = decision {
         return Err(WebhookError::Limited(decision));
@@ -352,9 +390,21 @@ async fn accept(
             parsed
         }
     };
-    let mut reply = store(state, hooks, &stored, &notification).await?;
-    reply.limit = limit;
-    Ok(reply)
+    // A write, audited in its own transaction; the answer it will get is known beforehand.
+    let status = if notification.status_only || notification.events.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    let audit = (!state.skip_audit).then(|| audit_event(req, facts, status));
+    let audited = audit.is_some();
+    let diagnostics = store(state, hooks, &stored, &notification, audit).await?;
+    Ok(Reply {
+        status,
+        diagnostics,
+        limit,
+        audited,
+    })
 }
 
 /// The scheme a request was authenticated by.
@@ -364,13 +414,15 @@ enum Proven {
     Fhir,
 }
 
-/// Seals and writes a notification's events (and the resync its sequence may call for).
+/// Seals and writes a notification's events (and the resync its sequence may call for) with
+/// the request's audit event; what the answer says.
 async fn store(
     state: &AppState,
     hooks: &Webhooks,
-    stored: &StoredConnection,
+    stored: &Receiver,
     notification: &Notification,
-) -> Result<Reply, WebhookError> {
+    audit: Option<NewAuditEvent>,
+) -> Result<String, WebhookError> {
     let vault = state.vault().await?;
     let new_row = |event_id: &str, kind: InboxKind, plain: Option<&[u8]>| {
         let id = uuid::Uuid::new_v4().to_string();
@@ -412,16 +464,17 @@ async fn store(
             None,
         )
     });
-    let accepted = state
-        .store
-        .inbox()
-        .accept(&InboxAccept {
-            practice_id: &stored.practice_id,
-            connection_id: &stored.id,
+    let accepted = hooks
+        .inner
+        .writer
+        .accept(InboxAccept {
+            practice_id: stored.practice_id.clone(),
+            connection_id: stored.id.clone(),
             received_us: now_us(),
-            events: &events,
-            sequence: notification.sequence.as_ref(),
-            resync_on_gap: resync.as_ref(),
+            events,
+            sequence: notification.sequence.clone(),
+            resync_on_gap: resync,
+            audit,
         })
         .await?;
     if accepted.stored > 0 {
@@ -435,28 +488,14 @@ async fn store(
     } else {
         ""
     };
-    let (status, diagnostics) = if notification.status_only {
-        (StatusCode::OK, format!("notification received{gap}"))
+    Ok(if notification.status_only {
+        format!("notification received{gap}")
     } else if notification.events.is_empty() {
-        (
-            StatusCode::OK,
-            format!("notification received; it names no patient to follow{gap}"),
-        )
+        format!("notification received; it names no patient to follow{gap}")
     } else if accepted.stored == 0 {
-        (
-            StatusCode::ACCEPTED,
-            format!("nothing new to queue: already received, or a pull is already waiting{gap}"),
-        )
+        format!("nothing new to queue: already received, or a pull is already waiting{gap}")
     } else {
-        (
-            StatusCode::ACCEPTED,
-            format!("accepted: {} event(s) queued{gap}", accepted.stored),
-        )
-    };
-    Ok(Reply {
-        status,
-        diagnostics,
-        limit: None,
+        format!("accepted: {} event(s) queued{gap}", accepted.stored)
     })
 }
 
