@@ -60,6 +60,8 @@ pub struct Settings {
     pub mapping_profiles_dir: String,
     /// The claim-status outbox dispatcher.
     pub outbox: crate::sync::outbox::OutboxSettings,
+    /// Patient-change webhooks and their inbox worker.
+    pub webhooks: crate::sync::webhooks::WebhookSettings,
 }
 
 /// A secret setting: redacted whenever displayed.
@@ -226,6 +228,9 @@ impl Settings {
         if let Err((key, reason)) = self.outbox.validate() {
             return Err(bad(key, reason));
         }
+        if let Err((key, reason)) = self.webhooks.validate() {
+            return Err(bad(key, reason));
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
             return Err(bad("log_level", "is not a valid tracing filter directive"));
         }
@@ -322,6 +327,17 @@ mod tests {
             let err = Settings::from_toml(toml).unwrap_err().to_string();
             assert!(err.contains(&format!("`{key}`")), "{toml}: {err}");
         }
+    }
+
+    #[test]
+    fn webhook_settings_default_to_a_mebibyte_and_five_minutes_and_are_checked() {
+        let s = Settings::from_toml("").unwrap();
+        assert_eq!(s.webhooks.max_body_bytes, 1024 * 1024);
+        assert_eq!(s.webhooks.tolerance_secs, 300);
+        let err = Settings::from_toml("[webhooks]\nmax_attempts = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`webhooks.max_attempts`"), "{err}");
     }
 
     #[test]

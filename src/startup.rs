@@ -52,6 +52,8 @@ pub struct AppState {
     pub stuck_after: Duration,
     /// The claim-status outbox: sealing its rows, waking and stopping its dispatcher.
     pub outbox: crate::sync::ClaimOutbox,
+    /// Patient-change webhooks: settings, payload cipher, this instance's inbox worker.
+    pub webhooks: crate::sync::webhooks::Webhooks,
 }
 
 /// Options that are not configuration. Nothing in the CLI or the config files can set them.
@@ -102,6 +104,7 @@ pub struct Application {
         crate::sync::PullJobs,
     )>,
     outbox: crate::sync::ClaimOutbox,
+    webhooks: crate::sync::webhooks::Webhooks,
 }
 
 /// The mapping profiles: built-in, with the configured folder's over them.
@@ -218,11 +221,18 @@ impl Application {
             connections,
             stuck_after: Duration::from_secs(settings.sync.stuck_after_secs),
             outbox: crate::sync::ClaimOutbox::new(&settings.outbox, master.keyring()),
+            webhooks: crate::sync::webhooks::Webhooks::new(
+                &settings.webhooks,
+                master.keyring(),
+                Arc::clone(&store),
+            ),
         });
         let exports = state.exports.clone();
         fhir::export::start(state.clone());
         let outbox = state.outbox.clone();
         crate::sync::outbox::dispatcher::start(state.clone());
+        let webhooks = state.webhooks.clone();
+        crate::sync::webhooks::Webhooks::start(state.clone());
         let scheduler = start_scheduler(&settings, &state);
 
         let mut server = HttpServer::new(move || {
@@ -243,6 +253,7 @@ impl Application {
                 )
                 .configure(|cfg| fhir::configure(&api, cfg))
                 .configure(crate::api::configure)
+                .configure(crate::sync::webhooks::configure)
                 .default_service(web::to(not_found))
         })
         .shutdown_timeout(settings.shutdown_timeout_secs);
@@ -265,6 +276,7 @@ impl Application {
             exports,
             scheduler,
             outbox,
+            webhooks,
         })
     }
 
@@ -302,6 +314,8 @@ impl Application {
         }
         // The claim-status dispatcher lets its deliveries finish and gives back the rest.
         self.outbox.shutdown().await;
+        // The webhook worker finishes the events in hand (or gives them back) first.
+        self.webhooks.shutdown(Duration::from_secs(5)).await;
         // The server's handles to the audit writer are gone with it: let it drain, then close.
         if tokio::time::timeout(Duration::from_secs(10), self.audit_writer)
             .await

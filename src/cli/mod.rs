@@ -7,11 +7,13 @@ mod healthcheck;
 mod outbox;
 mod sandbox;
 mod sync;
+mod webhooks;
 
 pub use connections::ConnectionsCommand;
 pub use outbox::OutboxCommand;
 pub use sandbox::{sandbox_spec, SandboxArgs};
 pub use sync::SyncCommand;
+pub use webhooks::WebhooksCommand;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -60,6 +62,9 @@ pub enum Command {
     /// Claim-status pushes: list the updates that could not be delivered, replay one.
     #[command(subcommand)]
     Outbox(OutboxCommand),
+    /// The webhook inbox: list events (dead ones included) and retry dead ones.
+    #[command(subcommand)]
+    Webhooks(WebhooksCommand),
     /// Try a full pull locally: EHR simulators with synthetic patients, a connection to each,
     /// one pull through the real adapters into the configured database.
     Sandbox(SandboxArgs),
@@ -277,6 +282,7 @@ async fn dispatch(command: Command, settings: Settings) -> Result<(), CliError> 
         Command::Clients(cmd) => clients(cmd, settings).await,
         Command::Connections(cmd) => connections::run(cmd, settings).await,
         Command::Outbox(cmd) => outbox::run(cmd, settings).await,
+        Command::Webhooks(cmd) => webhooks::run(cmd, settings).await,
         Command::Sandbox(args) => sandbox::run(args, settings).await,
         Command::Sync(cmd) => sync::run(cmd, settings).await,
         Command::Audit(cmd) => audit(cmd, settings).await,

@@ -2,7 +2,8 @@
 //! *points* per window, where an interaction's cost reflects its weight (by default a read costs
 //! 1, a search 10, a write 100, an export 500 — Medplum publishes 1 per read and 100 per write),
 //! so one client's bulk writes cannot starve others' reads. Token requests are limited per source
-//! IP. Limited requests get 429 + `Retry-After` + an OperationOutcome and never reach a handler;
+//! IP, and EHR webhooks per connection in a quota of their own (an EHR is not a practice's
+//! client and must not spend its practice's points). Limited requests get 429 + `Retry-After` + an OperationOutcome and never reach a handler;
 //! every response carries `RateLimit-Policy` / `RateLimit` (IETF httpapi ratelimit headers draft).
 //! Keys unused for a window are evicted, so memory stays bounded however many keys appear.
 
@@ -47,6 +48,8 @@ pub struct RateLimitSettings {
     pub practice_points: u32,
     pub global_points: u32,
     pub token_ip_points: u32,
+    /// Webhook requests per EHR connection per window (each costs 1).
+    pub webhook_points: u32,
     pub cost_read: u32,
     pub cost_search: u32,
     pub cost_write: u32,
@@ -67,6 +70,7 @@ impl RateLimitSettings {
             ("rate_limit.practice_points", self.practice_points),
             ("rate_limit.global_points", self.global_points),
             ("rate_limit.token_ip_points", self.token_ip_points),
+            ("rate_limit.webhook_points", self.webhook_points),
             ("rate_limit.cost_read", self.cost_read),
             ("rate_limit.cost_search", self.cost_search),
             ("rate_limit.cost_write", self.cost_write),
@@ -128,6 +132,7 @@ pub struct RateLimits {
     overrides: HashMap<String, KeyedPolicy>,
     practice: KeyedPolicy,
     token_ip: KeyedPolicy,
+    webhook: KeyedPolicy,
     global: (Direct, Policy),
 }
 
@@ -185,6 +190,7 @@ impl RateLimits {
                 .collect(),
             practice: keyed("practice", settings.practice_points, w),
             token_ip: keyed("token", settings.token_ip_points, w),
+            webhook: keyed("webhook", settings.webhook_points, w),
             global: (
                 global,
                 Policy {
@@ -233,9 +239,14 @@ impl RateLimits {
         Self::check_keyed(&self.token_ip, ip, cost)
     }
 
+    /// Charges one webhook request to its EHR connection.
+    pub fn check_webhook(&self, connection_id: &str) -> Decision {
+        Self::check_keyed(&self.webhook, connection_id, NonZeroU32::MIN)
+    }
+
     /// Drops keys whose buckets are full again (indistinguishable from new ones).
     pub fn evict_stale(&self) {
-        for kp in [&self.client, &self.practice, &self.token_ip]
+        for kp in [&self.client, &self.practice, &self.token_ip, &self.webhook]
             .into_iter()
             .chain(self.overrides.values())
         {
@@ -276,7 +287,8 @@ fn header_values(decision: Decision) -> (String, String) {
     )
 }
 
-fn add_headers(headers: &mut actix_web::http::header::HeaderMap, decision: Decision) {
+/// Adds `RateLimit-Policy` and `RateLimit` for `decision`.
+pub(crate) fn add_headers(headers: &mut actix_web::http::header::HeaderMap, decision: Decision) {
     let (policy, state) = header_values(decision);
     if let (Ok(p), Ok(s)) = (
         HeaderValue::from_str(&policy),
@@ -287,7 +299,8 @@ fn add_headers(headers: &mut actix_web::http::header::HeaderMap, decision: Decis
     }
 }
 
-fn too_many(decision: Decision) -> HttpResponse {
+/// The 429 response (OperationOutcome, `Retry-After`, rate-limit headers) of a limited request.
+pub(crate) fn too_many(decision: Decision) -> HttpResponse {
     let Decision::Limited {
         policy,
         retry_after_secs,
@@ -391,6 +404,7 @@ mod tests {
             practice_points: 1_000,
             global_points: 10_000,
             token_ip_points: 100,
+            webhook_points: 100,
             cost_read: 1,
             cost_search: 10,
             cost_write: 100,

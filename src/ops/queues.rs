@@ -1,5 +1,5 @@
-//! The durable queues' health: for each queue (the quarantine of EHR records that did not map,
-//! and the webhook inbox and claim-status outbox once they exist) and each EHR connection, how
+//! The durable queues' health: for each queue (the claim-status outbox, the webhook inbox, the
+//! quarantine of EHR records that did not map) and each EHR connection, how
 //! many rows wait and how old the oldest is. `/metrics` exports it; `/readyz` names a queue stuck
 //! past `sync.stuck_after_secs` without failing (a stuck queue needs a person, not a restart).
 //! Labels are queue names and connection ids (opaque, bounded by the connections configured):
@@ -28,8 +28,9 @@ pub async fn dead_letters(store: &dyn Store) -> Result<Vec<(String, i64)>, Store
 pub async fn queue_health(store: &dyn Store) -> Result<Vec<QueueHealth>, StoreError> {
     let now = OffsetDateTime::now_utc();
     let mut out = Vec::new();
-    let queues: [(&'static str, Vec<QueueStat>); 2] = [
+    let queues: [(&'static str, Vec<QueueStat>); 3] = [
         ("outbox", store.outbox().queue_stats().await?),
+        ("webhook_inbox", store.inbox().queue_stats().await?),
         ("quarantine", store.jobs().quarantine_stats().await?),
     ];
     for (queue, stats) in queues {

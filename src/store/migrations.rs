@@ -50,6 +50,11 @@ pub(crate) const SQLITE: Embedded = Embedded(&[
         include_str!("../../migrations/sqlite/0008_sync_jobs.sql"),
     ),
     (
+        9,
+        "webhook_inbox",
+        include_str!("../../migrations/sqlite/0009_webhook_inbox.sql"),
+    ),
+    (
         10,
         "claim_outbox",
         include_str!("../../migrations/sqlite/0010_claim_outbox.sql"),
@@ -96,6 +101,11 @@ pub(crate) const POSTGRES: Embedded = Embedded(&[
         8,
         "sync_jobs",
         include_str!("../../migrations/postgres/0008_sync_jobs.sql"),
+    ),
+    (
+        9,
+        "webhook_inbox",
+        include_str!("../../migrations/postgres/0009_webhook_inbox.sql"),
     ),
     (
         10,

@@ -4,6 +4,7 @@
 
 pub(crate) mod connections;
 pub(crate) mod export;
+pub(crate) mod inbox;
 pub(crate) mod jobs;
 mod migrations;
 pub(crate) mod outbox;
@@ -26,6 +27,10 @@ pub use connections::{ConnectionStore, NewConnection, StoredConnection};
 pub use export::{
     ExportCursor, ExportEnd, ExportFile, ExportJob, ExportLevel, ExportQuery, ExportScope,
     ExportStatus, ExportStep, ExportStore, NewExportJob, SealedChunk,
+};
+pub use inbox::{
+    Accepted, ClaimedEvent, InboxAccept, InboxEntry, InboxKind, InboxStore, NewInboxEvent,
+    SequenceMark,
 };
 pub(crate) use jobs::JOB_COLUMNS;
 pub use jobs::{JobRun, JobStore, NewJobRun, QuarantineRow, QuarantinedRecord, RunCounts};
@@ -321,6 +326,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Claim statuses and the claim-status outbox with its dead letters.
     fn outbox(&self) -> &dyn OutboxStore;
+    /// The webhook inbox (patient-change events waiting for the worker).
+    fn inbox(&self) -> &dyn InboxStore;
 
     /// Closes the pool, waiting for connections in use to be returned.
     async fn close(&self);

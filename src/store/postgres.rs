@@ -9,6 +9,7 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use super::connections::shared_connection_sql;
 use super::export::shared_export_sql;
+use super::inbox::shared_inbox_sql;
 use super::jobs::shared_job_sql;
 use super::migrations::{MigrationStatus, POSTGRES};
 use super::outbox::shared_outbox_sql;
@@ -113,6 +114,13 @@ shared_outbox_sql!(
     " FOR UPDATE",
     " FOR UPDATE SKIP LOCKED",
     "SELECT pg_notify('fhirgate_claim_outbox', '')"
+);
+shared_inbox_sql!(
+    PgStore,
+    Postgres,
+    sqlx::postgres::PgRow,
+    " FOR UPDATE SKIP LOCKED",
+    " FOR UPDATE"
 );
 
 fn practice_from(row: &PgRow) -> Result<Practice, sqlx::Error> {
@@ -666,6 +674,10 @@ impl Store for PgStore {
     }
 
     fn outbox(&self) -> &dyn super::OutboxStore {
+        self
+    }
+
+    fn inbox(&self) -> &dyn super::InboxStore {
         self
     }
 

@@ -12,6 +12,7 @@ use sqlx::{Row, Sqlite, SqlitePool};
 
 use super::connections::shared_connection_sql;
 use super::export::shared_export_sql;
+use super::inbox::shared_inbox_sql;
 use super::jobs::shared_job_sql;
 use super::migrations::{MigrationStatus, SQLITE};
 use super::outbox::shared_outbox_sql;
@@ -90,6 +91,7 @@ shared_export_sql!(SqliteStore, Sqlite, sqlx::sqlite::SqliteRow);
 shared_connection_sql!(SqliteStore, Sqlite, sqlx::sqlite::SqliteRow);
 shared_job_sql!(SqliteStore, Sqlite, sqlx::sqlite::SqliteRow);
 shared_outbox_sql!(SqliteStore, Sqlite, sqlx::sqlite::SqliteRow, "", "", "");
+shared_inbox_sql!(SqliteStore, Sqlite, sqlx::sqlite::SqliteRow, "", "");
 
 fn practice_from(row: &SqliteRow) -> Result<Practice, sqlx::Error> {
     Ok(Practice {
@@ -620,6 +622,10 @@ impl Store for SqliteStore {
     }
 
     fn outbox(&self) -> &dyn super::OutboxStore {
+        self
+    }
+
+    fn inbox(&self) -> &dyn super::InboxStore {
         self
     }
 

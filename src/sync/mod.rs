@@ -9,6 +9,7 @@ pub mod outbound_audit;
 pub mod outbox;
 pub mod pull;
 pub mod scheduler;
+pub mod webhooks;
 
 pub use connections::{
     ConnectionError, ConnectionInfo, ConnectionSpec, Connections, OpenedConnection,

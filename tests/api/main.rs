@@ -19,3 +19,4 @@ mod patient;
 mod rate_limits;
 mod storage;
 mod sync_jobs;
+mod webhooks;
