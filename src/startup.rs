@@ -285,9 +285,12 @@ impl Application {
         let result = self.server.await;
         // Export runners stop after their current page and release their jobs, which the next
         // instance to sweep resumes.
-        self.exports.shutdown(Duration::from_secs(5)).await;
-        // The claim-status dispatcher lets its deliveries finish and gives back the rest.
-        self.outbox.shutdown().await;
+        // The claim-status dispatcher likewise lets its deliveries finish and gives back the
+        // rest.
+        tokio::join!(
+            self.exports.shutdown(Duration::from_secs(5)),
+            self.outbox.shutdown()
+        );
         // The server's handles to the audit writer are gone with it: let it drain, then close.
         if tokio::time::timeout(Duration::from_secs(10), self.audit_writer)
             .await

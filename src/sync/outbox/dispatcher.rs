@@ -66,6 +66,8 @@ async fn run(state: web::Data<AppState>, outbox: ClaimOutbox) {
         }
     };
     let mut in_flight: JoinSet<Attempt> = JoinSet::new();
+    // A database that is down (or not migrated yet) fails every poll: say so once a minute.
+    let mut last_warned: Option<Instant> = None;
     loop {
         if *stop.borrow() {
             break;
@@ -87,7 +89,10 @@ async fn run(state: web::Data<AppState>, outbox: ClaimOutbox) {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "claim-status outbox: leasing due updates failed; retrying at the next poll")
+                    if last_warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                        last_warned = Some(Instant::now());
+                        tracing::warn!(error = %e, "claim-status outbox: leasing due updates failed; retrying at every poll");
+                    }
                 }
             }
         }
@@ -325,7 +330,7 @@ async fn record(
                 let kept = store
                     .retry_later(&row.id, runner, now_us() + micros(delay), failure.kind)
                     .await;
-                report(&row, kept.map(|held| u64::from(held)));
+                report(&row, kept.map(u64::from));
             }
             Err(failure) => {
                 tracing::error!(
@@ -344,7 +349,7 @@ async fn record(
                 let moved = store
                     .dead_letter(&row.id, runner, failure.kind, &audit)
                     .await;
-                report(&row, moved.map(|held| u64::from(held)));
+                report(&row, moved.map(u64::from));
             }
         }
     }
