@@ -305,17 +305,19 @@ impl Application {
     /// within `shutdown_timeout_secs`, then closes the database pool.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let result = self.server.await;
-        // Export runners stop after their current page and release their jobs, which the next
-        // instance to sweep resumes.
-        self.exports.shutdown(Duration::from_secs(5)).await;
-        // Pulls stop after their current page and hand their runs back for the next instance.
-        if let Some((scheduler, jobs)) = self.scheduler {
-            scheduler.stop(&jobs, Duration::from_secs(10)).await;
-        }
-        // The claim-status dispatcher lets its deliveries finish and gives back the rest.
-        self.outbox.shutdown().await;
-        // The webhook worker finishes the events in hand (or gives them back) first.
-        self.webhooks.shutdown(Duration::from_secs(5)).await;
+        // Exports, pulls, the claim-status dispatcher and the webhook worker finish what they
+        // hold (or give it back for the next instance) together.
+        let pulls = async {
+            if let Some((scheduler, jobs)) = self.scheduler {
+                scheduler.stop(&jobs, Duration::from_secs(10)).await;
+            }
+        };
+        tokio::join!(
+            self.exports.shutdown(Duration::from_secs(5)),
+            self.outbox.shutdown(),
+            self.webhooks.shutdown(Duration::from_secs(5)),
+            pulls,
+        );
         // The server's handles to the audit writer are gone with it: let it drain, then close.
         if tokio::time::timeout(Duration::from_secs(10), self.audit_writer)
             .await

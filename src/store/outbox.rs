@@ -141,14 +141,15 @@ pub trait OutboxStore: Send + Sync {
         lease_until_us: i64,
         limit: i64,
     ) -> Result<Vec<OutboxRow>, StoreError>;
-    /// Removes a delivered row (with its audit events, in one transaction); `false` when
-    /// `runner` no longer held it (another runner took it over and will record it).
+    /// Removes delivered rows `runner` still holds and records the pushes' audit events, in
+    /// one transaction; how many rows it removed (a row another runner took over meanwhile stays
+    /// for that runner, whose push the EHR deduplicates).
     async fn delivered(
         &self,
-        id: &str,
         runner: &str,
+        ids: &[String],
         audit: &[NewAuditEvent],
-    ) -> Result<bool, StoreError>;
+    ) -> Result<u64, StoreError>;
     /// Gives a row back for another attempt at `available_us`, noting why this one failed.
     async fn retry_later(
         &self,
@@ -432,23 +433,31 @@ macro_rules! shared_outbox_sql {
 
             async fn delivered(
                 &self,
-                id: &str,
                 runner: &str,
+                ids: &[String],
                 audit: &[$crate::audit::NewAuditEvent],
-            ) -> Result<bool, $crate::store::StoreError> {
+            ) -> Result<u64, $crate::store::StoreError> {
+                if ids.is_empty() {
+                    return Ok(0);
+                }
                 let _turn = self.write_turn().await;
                 let mut tx = self.pool.begin().await?;
-                let done = sqlx::query("DELETE FROM claim_outbox WHERE id = $1 AND runner = $2")
-                    .bind(id)
-                    .bind(runner)
-                    .execute(&mut *tx)
-                    .await?;
-                if done.rows_affected() == 0 {
-                    return Ok(false);
+                let mut removed = 0;
+                for chunk in ids.chunks($crate::store::ROW_INSERT_CHUNK) {
+                    let mut q = sqlx::QueryBuilder::<$db>::new(
+                        "DELETE FROM claim_outbox WHERE runner = ",
+                    );
+                    q.push_bind(runner).push(" AND id IN (");
+                    let mut list = q.separated(", ");
+                    for id in chunk {
+                        list.push_bind(id);
+                    }
+                    q.push(")");
+                    removed += q.build().execute(&mut *tx).await?.rows_affected();
                 }
                 Self::append_audit_in(&mut tx, audit, $crate::store::now()).await?;
                 tx.commit().await?;
-                Ok(true)
+                Ok(removed)
             }
 
             async fn retry_later(

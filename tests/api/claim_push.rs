@@ -284,7 +284,7 @@ async fn a_status_change_reaches_the_claims_ehr_with_the_mapped_outcome() {
     let submitted = body["push"]["update_id"].as_str().unwrap().to_owned();
 
     let updates = applied(&ehr.sim, "ehr-claim-1", 1).await;
-    assert_eq!(ids(&updates), [submitted.clone()]);
+    assert_eq!(ids(&updates), std::slice::from_ref(&submitted));
     assert_eq!(updates[0].outcome, "queued");
     assert_eq!(
         updates[0].disposition.as_deref(),
@@ -1038,7 +1038,10 @@ async fn a_refused_update_dead_letters_at_once_and_a_replay_from_the_cli_wakes_r
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(ids(&applied(&ehr.sim, &claim, 1).await), [id.clone()]);
+    assert_eq!(
+        ids(&applied(&ehr.sim, &claim, 1).await),
+        std::slice::from_ref(&id)
+    );
     let out = run(fhirgate()
         .args(["outbox", "replay", &id])
         .env("FHIRGATE_DATABASE_URL", app.database_url.expose()));

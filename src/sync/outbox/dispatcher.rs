@@ -65,13 +65,17 @@ async fn run(state: web::Data<AppState>, outbox: ClaimOutbox) {
             None
         }
     };
-    let mut in_flight: JoinSet<()> = JoinSet::new();
+    let mut in_flight: JoinSet<Attempt> = JoinSet::new();
+    // A database that is down (or not migrated yet) fails every poll: say so once a minute.
+    let mut last_warned: Option<Instant> = None;
     loop {
         if *stop.borrow() {
             break;
         }
+        // Leasing is a write: with deliveries in flight, lease again only once a quarter of
+        // the batch is free, so a busy dispatcher leases many rows a statement.
         let room = batch.saturating_sub(in_flight.len());
-        if room > 0 {
+        if room > 0 && (in_flight.is_empty() || room >= batch.div_ceil(4)) {
             let now = now_us();
             match state
                 .store
@@ -81,37 +85,45 @@ async fn run(state: web::Data<AppState>, outbox: ClaimOutbox) {
             {
                 Ok(rows) => {
                     for row in rows {
-                        in_flight.spawn(deliver(
-                            state.clone(),
-                            outbox.clone(),
-                            runner.clone(),
-                            row,
-                        ));
+                        in_flight.spawn(attempt(state.clone(), outbox.clone(), row));
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "claim-status outbox: leasing due updates failed; retrying at the next poll")
+                    if last_warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                        last_warned = Some(Instant::now());
+                        tracing::warn!(error = %e, "claim-status outbox: leasing due updates failed; retrying at every poll");
+                    }
                 }
             }
         }
         let full = in_flight.len() >= batch;
         tokio::select! {
-            _ = stop.wait_for(|s| *s) => break,
-            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+            // (The watch's guard must not live across the await below: the task is Send.)
+            _ = async { drop(stop.wait_for(|s| *s).await) } => break,
+            Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                // Whatever else has finished too, recorded together.
+                let mut finished = vec![done];
+                while let Some(more) = in_flight.try_join_next() {
+                    finished.push(more);
+                }
+                record(&state, &outbox, &runner, finished).await;
+            }
             _ = outbox.inner.wake.notified(), if !full => {}
             _ = woken(&mut wakeups), if !full => {}
             _ = tokio::time::sleep(settings.poll_interval()), if !full => {}
         }
     }
-    // Stopping: deliveries in flight may finish; the rest are given back.
-    let finished = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        while in_flight.join_next().await.is_some() {}
+    // Stopping: deliveries in flight may finish and are recorded; the rest are given back.
+    let mut finished = Vec::new();
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while let Some(done) = in_flight.join_next().await {
+            finished.push(done);
+        }
     })
     .await;
-    if finished.is_err() {
-        in_flight.abort_all();
-        while in_flight.join_next().await.is_some() {}
-    }
+    in_flight.abort_all();
+    while in_flight.join_next().await.is_some() {}
+    record(&state, &outbox, &runner, finished).await;
     match state.store.outbox().release(&runner).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(
@@ -218,80 +230,24 @@ fn backoff(
     jittered.max(retry_after.unwrap_or_default())
 }
 
-/// One attempt at one row, and what follows from it.
-async fn deliver(state: web::Data<AppState>, outbox: ClaimOutbox, runner: String, row: OutboxRow) {
+/// One attempt at one row: what happened, for [`record`].
+struct Attempt {
+    row: OutboxRow,
+    result: Result<(), Failure>,
+    took: Duration,
+}
+
+async fn attempt(state: web::Data<AppState>, outbox: ClaimOutbox, row: OutboxRow) -> Attempt {
     let started = Instant::now();
-    let result = attempt(&state, &outbox, &row).await;
-    let store = state.store.outbox();
-    let event = |status: u16| NewAuditEvent {
-        practice_id: Some(row.practice_id.clone()),
-        action: Some(Action::Push),
-        status_code: status,
-        resource_type: Some("Claim".into()),
-        resource_id: Some(row.claim_id.clone()),
-        patient_id: row.patient_id.clone(),
-        connection_id: Some(row.connection_id.clone()),
-        duration_ms: Some(i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX)),
-        ..NewAuditEvent::default()
-    };
-    let settings = outbox.settings();
-    let outcome: Result<bool, StoreError> = match result {
-        Ok(()) => {
-            let done = store.delivered(&row.id, &runner, &[event(200)]).await;
-            if matches!(done, Ok(true)) {
-                tracing::debug!(update = %row.id, claim = %row.claim_id, connection = %row.connection_id, attempts = row.attempts, "claim-status update delivered");
-            }
-            done
-        }
-        Err(failure) if failure.retryable && row.attempts < i64::from(settings.max_attempts) => {
-            let delay = backoff(
-                row.attempts,
-                Duration::from_millis(settings.retry_base_ms),
-                Duration::from_millis(settings.retry_max_ms),
-                failure.retry_after,
-            );
-            tracing::warn!(
-                update = %row.id,
-                claim = %row.claim_id,
-                connection = %row.connection_id,
-                attempts = row.attempts,
-                reason = failure.kind,
-                retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-                "claim-status push failed; retrying"
-            );
-            store
-                .retry_later(&row.id, &runner, now_us() + micros(delay), failure.kind)
-                .await
-        }
-        Err(failure) => {
-            tracing::error!(
-                update = %row.id,
-                claim = %row.claim_id,
-                connection = %row.connection_id,
-                attempts = row.attempts,
-                reason = failure.kind,
-                "claim-status push failed for good; moved to the dead letters"
-            );
-            store
-                .dead_letter(&row.id, &runner, failure.kind, &[event(502)])
-                .await
-        }
-    };
-    match outcome {
-        Ok(true) => {}
-        Ok(false) => tracing::info!(
-            update = %row.id,
-            "claim-status update was taken over by another dispatcher (lease ran out)"
-        ),
-        Err(e) => tracing::warn!(
-            update = %row.id,
-            error = %e,
-            "claim-status outcome not recorded; the update is tried again when its lease runs out"
-        ),
+    let result = push(&state, &outbox, &row).await;
+    Attempt {
+        row,
+        result,
+        took: started.elapsed(),
     }
 }
 
-async fn attempt(state: &AppState, outbox: &ClaimOutbox, row: &OutboxRow) -> Result<(), Failure> {
+async fn push(state: &AppState, outbox: &ClaimOutbox, row: &OutboxRow) -> Result<(), Failure> {
     let update = outbox
         .open(&row.id, &row.payload)
         .ok_or(Failure::permanent(
@@ -308,6 +264,124 @@ async fn attempt(state: &AppState, outbox: &ClaimOutbox, row: &OutboxRow) -> Res
         Ok(Ok(_receipt)) => Ok(()),
         Ok(Err(e)) => Err(Failure::from(&e)),
         Err(_) => Err(Failure::transient("the EHR did not answer in time")),
+    }
+}
+
+/// The audit event of a push's outcome (200 delivered, 502 dead-lettered).
+fn push_event(row: &OutboxRow, status: u16, took: Duration) -> NewAuditEvent {
+    NewAuditEvent {
+        practice_id: Some(row.practice_id.clone()),
+        action: Some(Action::Push),
+        status_code: status,
+        resource_type: Some("Claim".into()),
+        resource_id: Some(row.claim_id.clone()),
+        patient_id: row.patient_id.clone(),
+        connection_id: Some(row.connection_id.clone()),
+        duration_ms: Some(i64::try_from(took.as_millis()).unwrap_or(i64::MAX)),
+        ..NewAuditEvent::default()
+    }
+}
+
+/// Records finished attempts: the delivered ones leave the outbox together, in one
+/// transaction with their audit events (so a claim's next update is due at once); a failed one
+/// waits for its retry or moves to the dead letters. A record that fails leaves the row leased:
+/// it is tried again once the lease runs out (the EHR deduplicates a second delivery).
+async fn record(
+    state: &AppState,
+    outbox: &ClaimOutbox,
+    runner: &str,
+    finished: Vec<Result<Attempt, tokio::task::JoinError>>,
+) {
+    let store = state.store.outbox();
+    let settings = outbox.settings();
+    let mut delivered = Vec::new();
+    let mut events = Vec::new();
+    for done in finished {
+        let Ok(Attempt { row, result, took }) = done else {
+            // Aborted at shutdown: its lease is given back, or runs out.
+            continue;
+        };
+        match result {
+            Ok(()) => {
+                tracing::debug!(update = %row.id, claim = %row.claim_id, connection = %row.connection_id, attempts = row.attempts, "claim-status update delivered");
+                if !state.skip_audit {
+                    events.push(push_event(&row, 200, took));
+                }
+                delivered.push(row.id);
+            }
+            Err(failure)
+                if failure.retryable && row.attempts < i64::from(settings.max_attempts) =>
+            {
+                let delay = backoff(
+                    row.attempts,
+                    Duration::from_millis(settings.retry_base_ms),
+                    Duration::from_millis(settings.retry_max_ms),
+                    failure.retry_after,
+                );
+                tracing::warn!(
+                    update = %row.id,
+                    claim = %row.claim_id,
+                    connection = %row.connection_id,
+                    attempts = row.attempts,
+                    reason = failure.kind,
+                    retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                    "claim-status push failed; retrying"
+                );
+                let kept = store
+                    .retry_later(&row.id, runner, now_us() + micros(delay), failure.kind)
+                    .await;
+                report(&row, kept.map(u64::from));
+            }
+            Err(failure) => {
+                tracing::error!(
+                    update = %row.id,
+                    claim = %row.claim_id,
+                    connection = %row.connection_id,
+                    attempts = row.attempts,
+                    reason = failure.kind,
+                    "claim-status push failed for good; moved to the dead letters"
+                );
+                let audit = if state.skip_audit {
+                    vec![]
+                } else {
+                    vec![push_event(&row, 502, took)]
+                };
+                let moved = store
+                    .dead_letter(&row.id, runner, failure.kind, &audit)
+                    .await;
+                report(&row, moved.map(u64::from));
+            }
+        }
+    }
+    if !delivered.is_empty() {
+        match store.delivered(runner, &delivered, &events).await {
+            Ok(n) if n < delivered.len() as u64 => tracing::info!(
+                updates = delivered.len() as u64 - n,
+                "claim-status updates delivered after another dispatcher took them over (lease ran out)"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(
+                updates = delivered.len(),
+                error = %e,
+                "claim-status deliveries not recorded; the updates are sent again when their leases run out"
+            ),
+        }
+    }
+}
+
+/// Logs a record that did not take (the runner lost its lease, or the database failed).
+fn report(row: &OutboxRow, recorded: Result<u64, StoreError>) {
+    match recorded {
+        Ok(0) => tracing::info!(
+            update = %row.id,
+            "claim-status update was taken over by another dispatcher (lease ran out)"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(
+            update = %row.id,
+            error = %e,
+            "claim-status outcome not recorded; the update is tried again when its lease runs out"
+        ),
     }
 }
 
