@@ -283,23 +283,11 @@ macro_rules! shared_inbox_sql {
                 let Some(mark) = &accept.sequence else {
                     return Ok(out);
                 };
-                sqlx::query(
-                    "INSERT INTO webhook_subscriptions (connection_id, subscription,
-                         practice_id, last_event, updated_us)
-                     VALUES ($1, $2, $3, 0, $4)
-                     ON CONFLICT (connection_id, subscription) DO NOTHING",
-                )
-                .bind(&accept.connection_id)
-                .bind(&mark.subscription)
-                .bind(accept.practice_id.as_str())
-                .bind(accept.received_us)
-                .execute(&mut **tx)
-                .await?;
-                let previous: i64 = sqlx::query_scalar(concat!(
+                // The row exists and is locked: `accept` did both for the whole batch.
+                let previous: i64 = sqlx::query_scalar(
                     "SELECT last_event FROM webhook_subscriptions
                      WHERE connection_id = $1 AND subscription = $2",
-                    $for_update
-                ))
+                )
                 .bind(&accept.connection_id)
                 .bind(&mark.subscription)
                 .fetch_one(&mut **tx)
@@ -335,6 +323,46 @@ macro_rules! shared_inbox_sql {
             ) -> Result<Vec<$crate::store::inbox::Accepted>, $crate::store::StoreError> {
                 let _turn = self.write_turn().await;
                 let mut tx = self.pool.begin().await?;
+                // Subscriptions are locked in one order by every batch, so two instances'
+                // batches cannot deadlock on them.
+                let mut marks: Vec<(&str, &str, &str, i64)> = accepts
+                    .iter()
+                    .filter_map(|a| {
+                        a.sequence.as_ref().map(|m| {
+                            (
+                                a.connection_id.as_str(),
+                                m.subscription.as_str(),
+                                a.practice_id.as_str(),
+                                a.received_us,
+                            )
+                        })
+                    })
+                    .collect();
+                marks.sort_unstable();
+                marks.dedup_by(|a, b| (a.0, a.1) == (b.0, b.1));
+                for (connection, subscription, practice, at) in marks {
+                    sqlx::query(
+                        "INSERT INTO webhook_subscriptions (connection_id, subscription,
+                             practice_id, last_event, updated_us)
+                         VALUES ($1, $2, $3, 0, $4)
+                         ON CONFLICT (connection_id, subscription) DO NOTHING",
+                    )
+                    .bind(connection)
+                    .bind(subscription)
+                    .bind(practice)
+                    .bind(at)
+                    .execute(&mut *tx)
+                    .await?;
+                    sqlx::query(concat!(
+                        "SELECT last_event FROM webhook_subscriptions
+                         WHERE connection_id = $1 AND subscription = $2",
+                        $for_update
+                    ))
+                    .bind(connection)
+                    .bind(subscription)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                }
                 let mut results = Vec::with_capacity(accepts.len());
                 for accept in accepts {
                     results.push(Self::accept_one(&mut tx, accept).await?);

@@ -114,6 +114,13 @@ impl From<sqlx::Error> for StoreError {
             sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
                 StoreError::Conflict("a referenced row does not exist")
             }
+            // PostgreSQL deadlock_detected and serialization_failure: the transaction was rolled
+            // back and may be retried.
+            sqlx::Error::Database(db)
+                if matches!(db.code().as_deref(), Some("40P01" | "40001")) =>
+            {
+                StoreError::Unavailable("a concurrent transaction conflicted; retry".into())
+            }
             // Only the database's message and code: PostgreSQL puts row values in `detail`,
             // which is deliberately left out.
             sqlx::Error::Database(db) => StoreError::Database(format!(

@@ -253,6 +253,18 @@ async fn a_signed_event_is_acknowledged_and_its_patient_appears_once_even_when_s
         1
     );
 
+    // The same event sent ten times at once (committed together or not): one row.
+    let burst = futures_util::future::join_all((0..10).map(|_| post_event(&h, "evt-4", &ids[3])));
+    for res in burst.await {
+        assert_eq!(res.status(), 202);
+    }
+    settled(&h.app, &h.connection, 4).await;
+    assert_eq!(rows(&h.app, &h.connection).await.len(), 4);
+    assert_eq!(
+        versions(&h.app, &h.practice, &h.connection, &ids[3]).await,
+        1
+    );
+
     // Each request is audited as a webhook of the connection.
     let audit = h
         .app
@@ -261,7 +273,7 @@ async fn a_signed_event_is_acknowledged_and_its_patient_appears_once_even_when_s
         .await
         .unwrap();
     let hooks: Vec<_> = audit.iter().filter(|r| r.action == "webhook").collect();
-    assert_eq!(hooks.len(), 4);
+    assert_eq!(hooks.len(), 14);
     assert!(hooks.iter().all(
         |r| r.connection_id.as_deref() == Some(h.connection.as_str())
             && r.status_code == 202
