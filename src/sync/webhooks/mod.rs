@@ -101,6 +101,7 @@ pub struct Webhooks {
 struct Inner {
     settings: WebhookSettings,
     cipher: FieldCipher,
+    store: Arc<dyn Store>,
     /// Commits accepted notifications in groups.
     writer: commit::InboxWriter,
     /// Wakes the worker when this instance wrote rows.
@@ -122,7 +123,8 @@ impl Webhooks {
             inner: Arc::new(Inner {
                 settings: settings.clone(),
                 cipher: FieldCipher::new(keyring),
-                writer: commit::InboxWriter::start(store),
+                writer: commit::InboxWriter::start(Arc::clone(&store)),
+                store,
                 wake: tokio::sync::Notify::new(),
                 stop,
                 runner: format!("webhooks-{}", uuid::Uuid::new_v4().simple()),
@@ -158,8 +160,16 @@ impl Webhooks {
             if tokio::time::timeout(grace, &mut task).await.is_err() {
                 task.abort();
                 let _ = task.await;
+                let given_back = self
+                    .inner
+                    .store
+                    .inbox()
+                    .release_events(&self.inner.runner)
+                    .await
+                    .unwrap_or(0);
                 tracing::warn!(
-                    "webhook worker stopped before finishing its events; they are given back"
+                    given_back,
+                    "webhook worker stopped before finishing its events"
                 );
             }
         }
