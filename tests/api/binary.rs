@@ -233,16 +233,14 @@ async fn serve_logs_json_with_the_request_id_and_finishes_in_flight_requests_on_
         "in-flight request was dropped: {answer:?}"
     );
 
-    let status = child.wait().unwrap();
-    assert!(status.success(), "serve exited with {status}");
-
-    let mut stdout = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .unwrap();
+    // Both pipes are drained while waiting, so a chatty child cannot block on a full pipe.
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "serve exited with {}",
+        output.status
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let lines: Vec<serde_json::Value> = BufReader::new(stdout.as_bytes())
         .lines()
         .map(|l| serde_json::from_str(&l.unwrap()).expect("every log line is JSON"))
@@ -511,21 +509,11 @@ async fn no_phi_reaches_the_logs_whatever_the_request_carries() {
         .unwrap();
 
     sigterm(&child);
-    let status = child.wait().unwrap();
-    assert!(status.success());
-    let mut logs = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut logs)
-        .unwrap();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut logs)
-        .unwrap();
+    // Read both pipes while waiting: a child whose pipe fills would block on its next log line.
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success());
+    let mut logs = String::from_utf8_lossy(&output.stdout).into_owned();
+    logs.push_str(&String::from_utf8_lossy(&output.stderr));
     assert!(
         logs.lines()
             .filter(|l| l.contains("request completed"))
