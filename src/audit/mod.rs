@@ -145,12 +145,7 @@ pub struct AuditRecord {
 }
 
 fn hex<S: serde::Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
-    use std::fmt::Write;
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(out, "{b:02x}");
-    }
-    s.serialize_str(&out)
+    s.serialize_str(&crate::crypto::to_hex(bytes))
 }
 
 impl AuditRecord {

@@ -13,6 +13,23 @@ pub mod normalise;
 mod vault;
 
 pub use blind_index::BlindIndex;
+
+/// Lower-case hex of `bytes`, appended to `out` (digests, MACs, check values: never secrets).
+pub fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+}
+
+/// Lower-case hex of `bytes`.
+pub fn to_hex(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() * 2);
+    push_hex(&mut out, bytes);
+    out
+}
 pub use field::{field_aad, FieldCipher, ENVELOPE_VERSION};
 pub use key::{KeyId, MasterKey, MAX_KEY_ID_LEN};
 pub use keyring::{key_file_permission_warning, Keyring, LooseKeyFile};
@@ -74,6 +91,14 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_is_lower_case_two_digits_a_byte() {
+        assert_eq!(to_hex(&[0x00, 0x0f, 0xab, 0xff]), "000fabff");
+        let mut out = String::from("sha256:");
+        push_hex(&mut out, &[0x10]);
+        assert_eq!(out, "sha256:10");
+    }
 
     #[test]
     fn a_key_never_appears_in_debug_output_or_errors() {

@@ -174,14 +174,7 @@ impl PhiVault {
     /// the key id, it tells a different key under the same id apart before any search runs.
     /// Reveals nothing of the key (an HMAC output).
     pub fn key_check(&self) -> String {
-        use std::fmt::Write;
-        self.index.compute("fhirgate.key-check", "").iter().fold(
-            String::with_capacity(64),
-            |mut s, b| {
-                let _ = write!(s, "{b:02x}");
-                s
-            },
-        )
+        super::to_hex(&self.index.compute("fhirgate.key-check", ""))
     }
 
     /// The key id of the blind indexes.

@@ -569,26 +569,11 @@ macro_rules! shared_job_sql {
             async fn quarantine_stats(
                 &self,
             ) -> Result<Vec<$crate::store::QueueStat>, $crate::store::StoreError> {
-                use sqlx::Row;
-                let rows = sqlx::query(
+                $crate::store::fetch_queue_stats!(
+                    &self.pool,
                     "SELECT connection_id, COUNT(*) AS depth, MIN(first_seen_us) AS oldest
-                     FROM sync_quarantine GROUP BY connection_id ORDER BY connection_id",
+                     FROM sync_quarantine GROUP BY connection_id ORDER BY connection_id"
                 )
-                .fetch_all(&self.pool)
-                .await?;
-                let mut out = Vec::with_capacity(rows.len());
-                for row in rows {
-                    let oldest: Option<i64> = row.try_get("oldest")?;
-                    out.push($crate::store::QueueStat {
-                        connection_id: row.try_get("connection_id")?,
-                        depth: row.try_get("depth")?,
-                        oldest_pending_at: oldest.and_then(|us| {
-                            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000)
-                                .ok()
-                        }),
-                    });
-                }
-                Ok(out)
             }
 
             async fn digests(

@@ -420,3 +420,25 @@ pub(crate) fn now() -> time::OffsetDateTime {
     now.replace_nanosecond(now.nanosecond() / 1_000 * 1_000)
         .unwrap_or(now)
 }
+
+/// Runs `$sql` (`SELECT connection_id, COUNT(*) AS depth, MIN(<time>_us) AS oldest ... GROUP BY
+/// connection_id`) on `$pool` and reads its rows as [`QueueStat`]s: one shape for the outbox,
+/// the webhook inbox and the quarantine, inside the shared SQL macros of either backend.
+macro_rules! fetch_queue_stats {
+    ($pool:expr, $sql:expr) => {{
+        use sqlx::Row;
+        let rows = sqlx::query($sql).fetch_all($pool).await?;
+        rows.iter()
+            .map(|row| -> Result<$crate::store::QueueStat, sqlx::Error> {
+                let oldest: Option<i64> = row.try_get("oldest")?;
+                Ok($crate::store::QueueStat {
+                    connection_id: row.try_get("connection_id")?,
+                    depth: row.try_get("depth")?,
+                    oldest_pending_at: oldest.map($crate::store::outbox::from_micros),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err($crate::store::StoreError::from)
+    }};
+}
+pub(crate) use fetch_queue_stats;

@@ -643,23 +643,11 @@ macro_rules! shared_outbox_sql {
             async fn queue_stats(
                 &self,
             ) -> Result<Vec<$crate::store::QueueStat>, $crate::store::StoreError> {
-                use sqlx::Row;
-                let rows = sqlx::query(
+                $crate::store::fetch_queue_stats!(
+                    &self.pool,
                     "SELECT connection_id, COUNT(*) AS depth, MIN(created_us) AS oldest
-                     FROM claim_outbox GROUP BY connection_id ORDER BY connection_id",
+                     FROM claim_outbox GROUP BY connection_id ORDER BY connection_id"
                 )
-                .fetch_all(&self.pool)
-                .await?;
-                let mut out = Vec::with_capacity(rows.len());
-                for row in rows {
-                    let oldest: Option<i64> = row.try_get("oldest")?;
-                    out.push($crate::store::QueueStat {
-                        connection_id: row.try_get("connection_id")?,
-                        depth: row.try_get("depth")?,
-                        oldest_pending_at: oldest.map($crate::store::outbox::from_micros),
-                    });
-                }
-                Ok(out)
             }
 
             async fn dead_letter_counts(

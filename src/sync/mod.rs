@@ -8,6 +8,7 @@ pub mod jobs;
 pub mod outbound_audit;
 pub mod outbox;
 pub mod pull;
+pub(crate) mod retry;
 pub mod scheduler;
 pub mod webhooks;
 

@@ -114,12 +114,7 @@ pub fn local_id(connection_id: &str, resource_type: &str, ehr_id: &str) -> Strin
         .chain_update([0])
         .chain_update(ehr_id.as_bytes())
         .finalize();
-    let mut out = String::with_capacity(32);
-    for b in &digest[..16] {
-        use std::fmt::Write;
-        let _ = write!(out, "{b:02x}");
-    }
-    out
+    crate::crypto::to_hex(&digest[..16])
 }
 
 /// Pulls patients changed after `since` (all when `None`), calling `progress` after each page.

@@ -32,14 +32,11 @@ use crate::audit::{Action, NewAuditEvent};
 use crate::fhir::resources::now_us;
 use crate::startup::AppState;
 use crate::store::{OutboxRow, StoreError};
+use crate::sync::retry::{backoff, micros};
 use crate::sync::ConnectionError;
 
 /// How long deliveries in flight may finish once the instance stops.
 pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-
-fn micros(d: Duration) -> i64 {
-    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
-}
 
 /// Starts this instance's dispatcher on the current runtime.
 pub(crate) fn start(state: web::Data<AppState>) {
@@ -214,22 +211,6 @@ impl From<&ConnectionError> for Failure {
     }
 }
 
-/// The delay before attempt `attempts + 1`: `base * 2^(attempts - 1)` capped at `max`, drawn
-/// uniformly from its upper half (so instances retrying together spread out), and never less
-/// than what the EHR asked for.
-fn backoff(
-    attempts: i64,
-    base: Duration,
-    max: Duration,
-    retry_after: Option<Duration>,
-) -> Duration {
-    let exponent = u32::try_from(attempts.saturating_sub(1).clamp(0, 30)).unwrap_or(30);
-    let step = base.saturating_mul(1u32 << exponent).min(max);
-    let half = step / 2;
-    let jittered = half + half.mul_f64(fastrand::f64());
-    jittered.max(retry_after.unwrap_or_default())
-}
-
 /// One attempt at one row: what happened, for [`record`].
 struct Attempt {
     row: OutboxRow,
@@ -388,20 +369,6 @@ fn report(row: &OutboxRow, recorded: Result<u64, StoreError>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_per_attempt_within_its_cap_and_honours_retry_after() {
-        let base = Duration::from_millis(1_000);
-        let max = Duration::from_millis(60_000);
-        for attempts in 1..=10 {
-            let step = (base * (1 << (attempts - 1))).min(max);
-            let d = backoff(attempts, base, max, None);
-            assert!(d >= step / 2 && d <= step, "attempt {attempts}: {d:?}");
-        }
-        let d = backoff(1, base, max, Some(Duration::from_secs(120)));
-        assert_eq!(d, Duration::from_secs(120), "Retry-After wins over the cap");
-        assert!(backoff(i64::MAX, base, max, None) <= max);
-    }
 
     #[test]
     fn only_failures_that_may_pass_are_retried() {

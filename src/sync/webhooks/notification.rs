@@ -227,10 +227,7 @@ fn body_hash(body: &[u8], position: Option<usize>) -> String {
     let digest = Sha256::digest(body);
     let mut out = String::with_capacity(7 + 64 + 8);
     out.push_str("sha256:");
-    for b in digest {
-        use std::fmt::Write;
-        let _ = write!(out, "{b:02x}");
-    }
+    crate::crypto::push_hex(&mut out, &digest);
     if let Some(i) = position {
         out.push_str(&format!("#{i}"));
     }

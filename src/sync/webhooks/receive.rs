@@ -20,6 +20,7 @@ use super::{PatientEvent, Webhooks, EVENT_KEY_COLUMN, PAYLOAD_COLUMN};
 use crate::audit::{Action, NewAuditEvent};
 use crate::crypto::field_aad;
 use crate::domain::ResourceId;
+use crate::fhir::resources::now_us;
 use crate::gate::rate_limit::{add_headers, too_many, Decision};
 use crate::http::error::operation_outcome;
 use crate::http::{ApiError, FHIR_JSON};
@@ -314,11 +315,6 @@ fn unix_now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
-fn now_us() -> i64 {
-    i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000)
-        .unwrap_or(i64::MAX)
-}
-
 async fn accept(
     req: &HttpRequest,
     connection_id: &str,
@@ -435,7 +431,7 @@ async fn store(
         });
         NewInboxEvent {
             id,
-            event_key: hex(&key),
+            event_key: crate::crypto::to_hex(&key),
             kind,
             payload,
         }
@@ -497,14 +493,4 @@ async fn store(
     } else {
         format!("accepted: {} event(s) queued{gap}", accepted.stored)
     })
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
 }

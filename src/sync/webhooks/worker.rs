@@ -18,8 +18,10 @@ use futures_util::StreamExt;
 
 use super::{PatientEvent, Webhooks, PAYLOAD_COLUMN};
 use crate::crypto::field_aad;
+use crate::fhir::resources::now_us;
 use crate::startup::AppState;
 use crate::store::{ClaimedEvent, InboxKind, StoreError};
+use crate::sync::retry::{backoff, micros};
 use crate::sync::{
     ingest, on_page, pull, ConnectionError, PullError, PullOptions, PullReport, PullTarget,
 };
@@ -97,26 +99,6 @@ impl From<ConnectionError> for Failure {
             ConnectionError::Store(e) => e.into(),
         }
     }
-}
-
-fn now_us() -> i64 {
-    i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000)
-        .unwrap_or(i64::MAX)
-}
-
-fn micros(d: Duration) -> i64 {
-    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
-}
-
-/// The wait before attempt `attempts + 1`: `base`, doubled per attempt made, at most an hour,
-/// and never shorter than what the EHR asked for.
-pub(super) fn backoff(base: Duration, attempts: i64, asked: Option<Duration>) -> Duration {
-    let doublings = u32::try_from(attempts.saturating_sub(1).clamp(0, 30)).unwrap_or(30);
-    let wait = base
-        .checked_mul(1u32 << doublings)
-        .unwrap_or(MAX_BACKOFF)
-        .min(MAX_BACKOFF);
-    asked.map_or(wait, |a| wait.max(a.min(MAX_BACKOFF)))
 }
 
 /// The worker loop, until the instance stops.
@@ -198,8 +180,9 @@ async fn settle(state: &AppState, hooks: &Webhooks, row: ClaimedEvent, lease: Du
                 inbox.bury_event(&row.id, runner, &reason, now_us()).await
             } else {
                 let wait = backoff(
-                    Duration::from_millis(settings.retry_base_ms),
                     row.attempts,
+                    Duration::from_millis(settings.retry_base_ms),
+                    MAX_BACKOFF,
                     after,
                 );
                 tracing::info!(event = %row.id, connection = %row.connection_id, reason = phrase, attempts = row.attempts, retry_in_ms = wait.as_millis() as u64, "webhook event will be retried");
@@ -316,26 +299,4 @@ fn open_payload(state: &AppState, row: &ClaimedEvent) -> Result<PatientEvent, Fa
         .decrypt(sealed, field_aad(PAYLOAD_COLUMN, &row.id).as_bytes())
         .map_err(|_| Failure::Dead("the event payload cannot be opened"))?;
     serde_json::from_slice(&plain).map_err(|_| unreadable)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_backoff_doubles_per_attempt_up_to_an_hour_and_honours_retry_after() {
-        let base = Duration::from_millis(500);
-        assert_eq!(backoff(base, 1, None), Duration::from_millis(500));
-        assert_eq!(backoff(base, 2, None), Duration::from_millis(1000));
-        assert_eq!(backoff(base, 4, None), Duration::from_millis(4000));
-        assert_eq!(backoff(base, 60, None), MAX_BACKOFF);
-        assert_eq!(
-            backoff(base, 1, Some(Duration::from_secs(7))),
-            Duration::from_secs(7)
-        );
-        assert_eq!(
-            backoff(base, 3, Some(Duration::from_millis(10))),
-            Duration::from_secs(2)
-        );
-    }
 }
