@@ -267,12 +267,10 @@ fn load_payer(path: &Path, cpt: &CptTable) -> Result<Payer, LoadError> {
     let file: PayerFile = yaml_serde::from_str(&text).map_err(|e| {
         // yaml_serde's message starts with the key path (`rules[0].when: unknown field ...`).
         let message = e.to_string();
-        let key = message
-            .split_once(": ")
-            .map(|(key, _)| key)
-            .filter(|key| !key.contains(' '))
-            .unwrap_or("(yaml)");
-        LoadError::new(path, key, message.clone())
+        match message.split_once(": ") {
+            Some((key, reason)) if !key.contains(' ') => LoadError::new(path, key, reason),
+            _ => LoadError::new(path, "(top level)", message.as_str()),
+        }
     })?;
     let bad = |key: String, reason: &str| LoadError::new(path, key, reason);
 
@@ -447,12 +445,10 @@ mod tests {
         );
 
         let nested = format!("{GOOD}rules:\n  - id: x\n    when: {{ cpts: [\"90837\"] }}\n    require: prior_authorization\n");
-        let text = load_error(&[("acme.yaml", &nested)]).to_string();
-        assert!(
-            text.contains("acme.yaml") && text.contains("cpts"),
-            "{text}"
-        );
-        assert!(text.contains("rules[0].when"), "{text}");
+        let err = load_error(&[("acme.yaml", &nested)]);
+        assert_eq!(err.key, "rules[0].when");
+        assert!(err.path.ends_with("acme.yaml"));
+        assert!(err.reason.contains("cpts"), "{err}");
     }
 
     #[test]

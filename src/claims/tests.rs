@@ -175,6 +175,10 @@ fn an_unsupported_currency_is_an_unknown_code() {
         (problem.rule.as_str(), problem.kind),
         ("currency.supported", ProblemKind::UnknownCode)
     );
+    // The fee's sign is still checked without a currency.
+    let mut found = rule_ids(with(json!({ "currency": "XAU", "fee": -5 })));
+    found.sort();
+    assert_eq!(found, ["currency.supported", "fee.positive"]);
 }
 
 #[test]

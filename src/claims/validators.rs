@@ -9,7 +9,7 @@
 
 use crate::domain::Npi;
 
-use super::money::MinorUnitsError;
+use super::money::{Decimal, MinorUnitsError};
 use super::payers::{Payer, Requirement, When};
 use super::problem::{Problem, ProblemKind};
 use super::request::{Draft, Input};
@@ -46,10 +46,9 @@ struct Fee;
 
 impl Validator for Fee {
     fn check(&self, draft: &Draft<'_>, _: &ClaimRules, _: &ClaimContext, out: &mut Vec<Problem>) {
-        let Some(&currency) = draft.currency.valid() else {
-            return;
-        };
-        let mut minor = |field: &str, amount: &Input<super::money::Decimal>, positive: bool| {
+        let currency = draft.currency.valid().copied();
+        // The sign needs no currency; the decimals and the size do.
+        let mut minor = |field: &str, amount: &Input<Decimal>, positive: bool| {
             let amount = amount.valid()?;
             if positive && !amount.is_positive() {
                 out.push(Problem::new(
@@ -69,6 +68,7 @@ impl Validator for Fee {
                 ));
                 return None;
             }
+            let currency = currency?;
             match amount.to_minor_units(currency) {
                 Ok(units) => Some(units),
                 Err(MinorUnitsError::TooPrecise) => {
