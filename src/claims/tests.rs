@@ -657,3 +657,51 @@ fn claims_settings_default_to_the_config_dir() {
         serde_json::from_value(json!({ "rules_dir": "/etc/fhirgate" })).unwrap();
     assert_eq!(parsed.rules_dir, Path::new("/etc/fhirgate"));
 }
+
+#[test]
+fn claim_rules_can_be_shared_across_worker_threads() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<ClaimRules>();
+}
+
+#[test]
+fn a_payer_added_as_a_file_applies_without_code() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("codes")).unwrap();
+    std::fs::create_dir_all(dir.path().join("payers")).unwrap();
+    for file in ["cpt.csv", "icd10cm.txt"] {
+        std::fs::copy(
+            root.join("codes").join(file),
+            dir.path().join("codes").join(file),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        dir.path().join("payers/acme.yaml"),
+        "id: ACME\nname: Acme Health\ntimely_filing_days: 30\nmember_id: { required: false }\n\
+         rules:\n  - id: member-id-for-testing\n    when: { family: [psychological-testing] }\n    require: member_id\n",
+    )
+    .unwrap();
+    let rules = ClaimRules::load(dir.path()).unwrap();
+    let check = |body: Value| {
+        let request: PrepareRequest = serde_json::from_value(body).unwrap();
+        rules.check(&request, &ctx())
+    };
+    let mut body = with(json!({ "payer_id": "ACME" }));
+    body.as_object_mut().unwrap().remove("member_id");
+    let claim = check(body.clone()).unwrap();
+    assert_eq!(
+        (claim.payer_name.as_str(), claim.member_id),
+        ("Acme Health", None)
+    );
+
+    body["cpt_code"] = json!("96130");
+    let problems = check(body).unwrap_err();
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert_eq!(problems[0].rule, "payer.ACME.member-id-for-testing");
+    assert_eq!(
+        (problems[0].field.as_str(), problems[0].kind),
+        ("member_id", ProblemKind::Required)
+    );
+}
