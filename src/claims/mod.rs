@@ -138,9 +138,14 @@ impl ClaimRules {
         Self::load(&settings.rules_dir)
     }
 
-    /// A payer by its exact id (`BCBS`).
+    /// A payer by its id, in any case (`BCBS`, `bcbs`).
     pub fn payer(&self, id: &str) -> Option<&Payer> {
-        self.payers.get(id)
+        self.payers.get(&id.trim().to_ascii_uppercase())
+    }
+    /// The payer a request names, if it names a configured one: for the route to pick the
+    /// patient's Coverage before [`check`](Self::check).
+    pub fn payer_of(&self, request: &PrepareRequest) -> Option<&Payer> {
+        self.payer(request.payer_id.as_ref()?.as_str()?)
     }
     pub fn payers(&self) -> impl Iterator<Item = &Payer> {
         self.payers.values()

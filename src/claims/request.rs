@@ -66,6 +66,22 @@ impl From<Map<String, Value>> for PrepareRequest {
     }
 }
 
+impl PrepareRequest {
+    /// The patient's id when it is a valid FHIR id, for the route to look up the patient's
+    /// Coverage before [`ClaimRules::check`](super::ClaimRules::check) (which reports it if not).
+    pub fn patient_id(&self) -> Option<ResourceId> {
+        id_of(&self.patient)
+    }
+    /// The practitioner's id when it is a valid FHIR id, for the route to read the NPI.
+    pub fn practitioner_id(&self) -> Option<ResourceId> {
+        id_of(&self.practitioner)
+    }
+}
+
+fn id_of(value: &Option<Value>) -> Option<ResourceId> {
+    ResourceId::parse("id", value.as_ref()?.as_str()?.trim()).ok()
+}
+
 /// One field after the first pass.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Input<T> {
@@ -187,7 +203,7 @@ pub(crate) fn first_pass<'r>(
     let payer = p
         .required_string("payer_id", &request.payer_id)
         .then_parse(|s| {
-            rules.payer(&s.to_ascii_uppercase()).ok_or_else(|| {
+            rules.payer(s).ok_or_else(|| {
                 p.push(
                     "payer_id",
                     ProblemKind::UnknownCode,

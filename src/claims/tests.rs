@@ -705,3 +705,22 @@ fn a_payer_added_as_a_file_applies_without_code() {
         ("member_id", ProblemKind::Required)
     );
 }
+
+#[test]
+fn the_route_can_read_ids_and_payer_before_checking() {
+    let request: PrepareRequest =
+        serde_json::from_value(with(json!({ "payer_id": "aetna" }))).unwrap();
+    assert_eq!(request.patient_id().unwrap().as_str(), "pat-1");
+    assert_eq!(request.practitioner_id().unwrap().as_str(), "prac-1");
+    assert_eq!(rules().payer_of(&request).unwrap().id(), "AETNA");
+    let request: PrepareRequest =
+        serde_json::from_value(json!({ "patient": "not an id!", "payer_id": 7 })).unwrap();
+    assert!(request.patient_id().is_none() && request.practitioner_id().is_none());
+    assert!(rules().payer_of(&request).is_none());
+}
+
+#[test]
+fn a_body_that_is_not_an_object_does_not_deserialise() {
+    // The route turns this serde error into a single problem of its own.
+    assert!(serde_json::from_value::<PrepareRequest>(json!([1, 2])).is_err());
+}
