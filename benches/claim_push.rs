@@ -221,8 +221,9 @@ async fn run(seconds: u64, rate: u64) -> ExitCode {
     let settings = Settings::from_toml(&format!(
         "listen = '127.0.0.1:0'\nlog_level = 'error'\ndatabase_url = '{}'\nmaster_key = '{MASTER_KEY}'\n\
          [rate_limit]\nclient_points = 4000000000\npractice_points = 4000000000\n\
-         global_points = 4000000000\ntoken_ip_points = 4000000000\n",
-        db.url
+         global_points = 4000000000\ntoken_ip_points = 4000000000\n{}",
+        db.url,
+        support::claims_settings()
     ))
     .expect("bench settings are valid");
     let outbox = settings.outbox.clone();

@@ -299,8 +299,9 @@ async fn run(config: BenchConfig, scenarios: Vec<Scenario>) -> ExitCode {
          master_key = 'bench1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA='\n\
          public_url = 'http://gateway.bench'\n\
          [rate_limit]\nclient_points = 4000000000\npractice_points = 4000000000\n\
-         global_points = 4000000000\ntoken_ip_points = 4000000000\n",
-        toml_string(&db.url)
+         global_points = 4000000000\ntoken_ip_points = 4000000000\n{}",
+        toml_string(&db.url),
+        support::claims_settings()
     ))
     .expect("bench settings are valid");
     let http_workers = match settings.workers {

@@ -78,8 +78,9 @@ async fn run(seconds: u64, rate: u64) -> ExitCode {
     let db = BenchDatabase::create(workdir.path()).await;
     let settings = Settings::from_toml(&format!(
         "listen = '127.0.0.1:0'\ndatabase_url = '{}'\nmaster_key = '{MASTER_KEY}'\n\
-         database_max_connections = 10\n[webhooks]\npoll_interval_ms = 200\n",
-        db.url
+         database_max_connections = 10\n[webhooks]\npoll_interval_ms = 200\n{}",
+        db.url,
+        support::claims_settings()
     ))
     .expect("bench settings are valid");
     let app = Application::build(settings)

@@ -62,6 +62,8 @@ pub struct Settings {
     pub outbox: crate::sync::outbox::OutboxSettings,
     /// Patient-change webhooks and their inbox worker.
     pub webhooks: crate::sync::webhooks::WebhookSettings,
+    /// Claim preparation: where the code tables and payer rules are read from at start.
+    pub claims: crate::claims::ClaimsSettings,
 }
 
 /// A secret setting: redacted whenever displayed.

@@ -54,6 +54,8 @@ pub struct AppState {
     pub outbox: crate::sync::ClaimOutbox,
     /// Patient-change webhooks: settings, payload cipher, this instance's inbox worker.
     pub webhooks: crate::sync::webhooks::Webhooks,
+    /// Claim preparation's code tables, payer rules and validator chain.
+    pub claim_rules: Arc<crate::claims::ClaimRules>,
 }
 
 /// Options that are not configuration. Nothing in the CLI or the config files can set them.
@@ -89,6 +91,8 @@ pub enum StartupError {
     Crypto(#[from] CryptoError),
     #[error(transparent)]
     Profiles(#[from] fhirgate_mappings::ProfileError),
+    #[error("claim rules (claims.rules_dir): {0}")]
+    ClaimRules(#[from] crate::claims::LoadError),
 }
 
 pub struct Application {
@@ -186,6 +190,7 @@ impl Application {
             }
         }
         let profiles = Arc::new(load_profiles(&settings)?);
+        let claim_rules = Arc::new(crate::claims::ClaimRules::from_settings(&settings.claims)?);
         let connections =
             crate::sync::Connections::new(Arc::clone(&store), master.keyring(), profiles);
         let base_url = settings.base_url(addr);
@@ -226,6 +231,7 @@ impl Application {
                 master.keyring(),
                 Arc::clone(&store),
             ),
+            claim_rules,
         });
         let exports = state.exports.clone();
         fhir::export::start(state.clone());

@@ -89,3 +89,13 @@ pub fn peak_rss_mib() -> Option<f64> {
         .ok()?;
     Some(kib / 1024.0)
 }
+
+/// The `[claims]` settings of a bench gateway: the shipped rules, wherever the bench runs from
+/// (the benches work in a temp directory, where the default relative `config` is not).
+#[allow(dead_code)] // Not every bench builds a gateway.
+pub fn claims_settings() -> String {
+    format!(
+        "[claims]\nrules_dir = '{}/config'\n",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}

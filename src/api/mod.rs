@@ -2,6 +2,7 @@
 //! the same gate as the FHIR API (bearer token, rate limits, audit); success bodies are plain
 //! JSON, errors are OperationOutcomes like everywhere else.
 
+pub mod claim_prepare;
 pub mod claims;
 pub mod clients;
 pub mod dead_letters;
@@ -28,6 +29,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .wrap(from_fn(audit_request))
             .configure(clients::configure)
             .configure(jobs::configure)
+            .configure(claim_prepare::configure)
             .configure(claims::configure)
             .configure(dead_letters::configure)
             .default_service(web::to(|| async {

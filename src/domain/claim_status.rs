@@ -124,6 +124,31 @@ impl ClaimStatus {
         }
     }
 
+    /// The lifecycle steps a payer's answer moves a claim in this status through: a
+    /// ClaimResponse's `outcome` (R4 ClaimProcessingCodes) and whether it reports a payment
+    /// (`payment.amount` above zero). Only legal steps, in order; none when the answer says
+    /// nothing new or does not fit where the claim stands (the answer is still stored).
+    ///
+    /// - `queued`: nothing (the payer has it, as `submitted` says).
+    /// - `error`: a submitted claim is rejected (refused before adjudication); an accepted or
+    ///   appealed one is denied.
+    /// - `complete` / `partial`: a submitted claim is accepted, then paid when the answer
+    ///   reports a payment; an appealed one is paid (payment) or accepted; an accepted one is
+    ///   paid once a payment is reported.
+    pub fn steps_for_answer(self, outcome: &str, paid: bool) -> Vec<ClaimStatus> {
+        use ClaimStatus::*;
+        match (outcome, self) {
+            ("error", Submitted) => vec![Rejected],
+            ("error", Accepted | Appealed) => vec![Denied],
+            ("complete" | "partial", Submitted) if paid => vec![Accepted, Paid],
+            ("complete" | "partial", Submitted) => vec![Accepted],
+            ("complete" | "partial", Appealed) if paid => vec![Paid],
+            ("complete" | "partial", Appealed) => vec![Accepted],
+            ("complete" | "partial", Accepted) if paid => vec![Paid],
+            _ => vec![],
+        }
+    }
+
     /// The disposition sent when the caller gives none: a fixed phrase naming the status.
     pub fn default_disposition(self) -> &'static str {
         match self {
@@ -192,6 +217,42 @@ mod tests {
             [Accepted, Paid, Denied]
         );
         assert_eq!(Paid.next_statuses().count(), 0, "paid is final");
+    }
+
+    #[test]
+    fn a_payers_answer_moves_the_claim_only_along_legal_steps() {
+        assert_eq!(Submitted.steps_for_answer("error", false), [Rejected]);
+        assert_eq!(Accepted.steps_for_answer("error", false), [Denied]);
+        assert_eq!(Appealed.steps_for_answer("error", false), [Denied]);
+        assert_eq!(Submitted.steps_for_answer("complete", false), [Accepted]);
+        assert_eq!(
+            Submitted.steps_for_answer("partial", true),
+            [Accepted, Paid]
+        );
+        assert_eq!(Appealed.steps_for_answer("complete", true), [Paid]);
+        assert_eq!(Accepted.steps_for_answer("complete", true), [Paid]);
+        assert!(Accepted.steps_for_answer("complete", false).is_empty());
+        assert!(Submitted.steps_for_answer("queued", true).is_empty());
+        for s in [Draft, Prepared, Paid, Rejected, Denied] {
+            for outcome in ["queued", "complete", "partial", "error"] {
+                assert!(
+                    s.steps_for_answer(outcome, true).is_empty(),
+                    "{s} {outcome}"
+                );
+            }
+        }
+        // Every step the table gives is a legal transition from the one before.
+        for s in ClaimStatus::ALL {
+            for outcome in ["queued", "complete", "partial", "error"] {
+                for paid in [false, true] {
+                    let mut at = s;
+                    for step in s.steps_for_answer(outcome, paid) {
+                        assert!(at.can_become(step), "{at} -> {step}");
+                        at = step;
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -802,16 +802,16 @@ async fn execute(
                 _ => None,
             })
             .collect();
-        let outbox = crate::sync::outbox::rows::for_fhir_writes(state, practice, &prepared)
+        let claims = crate::sync::outbox::rows::for_fhir_writes(state, practice, &prepared)
             .await
             .map_err(|err| Failure::from_api(err, 0))?;
         match state
             .store
-            .write_resources_with_outbox(practice, &writes, &events, &outbox)
+            .write_resources_with_claims(practice, &writes, &events, claims.effects())
             .await
         {
             Ok(()) => {
-                if !outbox.is_empty() {
+                if !claims.outbox.is_empty() {
                     state.outbox.written();
                 }
             }

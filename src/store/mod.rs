@@ -36,7 +36,8 @@ pub(crate) use jobs::JOB_COLUMNS;
 pub use jobs::{JobRun, JobStore, NewJobRun, QuarantineRow, QuarantinedRecord, RunCounts};
 pub use migrations::MigrationStatus;
 pub use outbox::{
-    ClaimState, ClaimStatusChange, DeadLetter, NewOutboxRow, OutboxRow, OutboxStore, PushSource,
+    ClaimEffects, ClaimState, ClaimStatusChange, DeadLetter, NewOutboxRow, OutboxRow, OutboxStore,
+    PushSource,
 };
 pub use postgres::PgStore;
 pub use resources::{
@@ -255,23 +256,26 @@ pub trait Store: Send + Sync + 'static {
         writes: &[ResourceWrite],
         audit: &[NewAuditEvent],
     ) -> Result<(), StoreError> {
-        self.write_resources_with_outbox(practice, writes, audit, &[])
+        self.write_resources_with_claims(practice, writes, audit, ClaimEffects::default())
             .await
     }
-    /// [`Store::write_resources`], with claim-status outbox rows committed in the same
-    /// transaction (a ClaimResponse written through the FHIR API reports a claim's new status).
+    /// [`Store::write_resources`], with what the writes change of claims committed in the same
+    /// transaction: lifecycle statuses (a prepared claim, a ClaimResponse's answer) and
+    /// claim-status outbox rows (a ClaimResponse written through the FHIR API reports a
+    /// claim's new status). A lifecycle change that no longer holds fails the whole write with
+    /// [`StoreError::Conflict`].
     ///
-    /// Why a list carried with the write rather than a transaction handle: the resource write
+    /// Why lists carried with the write rather than a transaction handle: the resource write
     /// is one method of one backend's SQL, taking its own transaction, and every other caller
-    /// (pulls, bulk writes) has nothing to add. The rows ride along as plain data, the method
-    /// inserts them after the versions and before the audit events, and `write_resources` is
-    /// this method with no rows, so no other caller changes.
-    async fn write_resources_with_outbox(
+    /// (pulls, bulk writes) has nothing to add. The effects ride along as plain data, the
+    /// method applies them after the versions and before the audit events, and
+    /// `write_resources` is this method with none, so no other caller changes.
+    async fn write_resources_with_claims(
         &self,
         practice: &ResourceId,
         writes: &[ResourceWrite],
         audit: &[NewAuditEvent],
-        outbox: &[NewOutboxRow],
+        claims: ClaimEffects<'_>,
     ) -> Result<(), StoreError>;
     /// The head version of each of `ids` that exists in the practice (deleted or not): what an
     /// update of many resources at once expects.

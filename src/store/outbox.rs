@@ -113,6 +113,27 @@ pub struct ClaimStatusChange {
     pub expected_version: i64,
 }
 
+/// What a resource write changes of claims, committed in the write's transaction: the
+/// lifecycle statuses it moves (a prepared claim, a ClaimResponse's answer) and the
+/// claim-status updates it queues for the EHR.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClaimEffects<'a> {
+    /// Applied in order; a change whose `expected_version` no longer holds fails the whole
+    /// write with [`StoreError::Conflict`](crate::store::StoreError::Conflict).
+    pub lifecycle: &'a [ClaimStatusChange],
+    pub outbox: &'a [NewOutboxRow],
+}
+
+impl ClaimEffects<'_> {
+    pub fn is_empty(&self) -> bool {
+        self.lifecycle.is_empty() && self.outbox.is_empty()
+    }
+}
+
+/// Why a lifecycle change inside a resource write did not apply.
+pub(crate) const LIFECYCLE_CONFLICT: &str =
+    "the claim's lifecycle status was changed by another request; retry";
+
 #[async_trait]
 pub trait OutboxStore: Send + Sync {
     /// A claim's stored status (`None`: never changed, a draft).
@@ -276,6 +297,46 @@ macro_rules! shared_outbox_sql {
         }
 
         impl $store {
+            /// Applies lifecycle changes inside `tx` (the caller commits), each compared and set
+            /// on its `expected_version` (0: the claim has no status row yet). `false` when one
+            /// did not hold: the caller rolls back.
+            pub(crate) async fn apply_claim_changes_in(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                changes: &[$crate::store::ClaimStatusChange],
+                now: time::OffsetDateTime,
+            ) -> Result<bool, $crate::store::StoreError> {
+                for change in changes {
+                    let done = if change.expected_version == 0 {
+                        sqlx::query(
+                            "INSERT INTO claim_states (practice_id, claim_id, status, version, updated_at)
+                             VALUES ($1, $2, $3, 1, $4) ON CONFLICT (practice_id, claim_id) DO NOTHING",
+                        )
+                        .bind(change.practice_id.as_str())
+                        .bind(&change.claim_id)
+                        .bind(change.status.as_str())
+                        .bind(now)
+                        .execute(&mut **tx)
+                        .await?
+                    } else {
+                        sqlx::query(
+                            "UPDATE claim_states SET status = $1, version = version + 1, updated_at = $2
+                             WHERE practice_id = $3 AND claim_id = $4 AND version = $5",
+                        )
+                        .bind(change.status.as_str())
+                        .bind(now)
+                        .bind(change.practice_id.as_str())
+                        .bind(&change.claim_id)
+                        .bind(change.expected_version)
+                        .execute(&mut **tx)
+                        .await?
+                    };
+                    if done.rows_affected() == 0 {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            }
+
             /// Writes outbox rows inside `tx` (the caller commits): each takes the next number of
             /// its claim (locking the claim's head until commit), then wakes other instances.
             pub(crate) async fn insert_outbox_in(
@@ -359,31 +420,7 @@ macro_rules! shared_outbox_sql {
                 let now = $crate::store::now();
                 let _turn = self.write_turn().await;
                 let mut tx = self.begin_for(&change.practice_id).await?;
-                let done = if change.expected_version == 0 {
-                    sqlx::query(
-                        "INSERT INTO claim_states (practice_id, claim_id, status, version, updated_at)
-                         VALUES ($1, $2, $3, 1, $4) ON CONFLICT (practice_id, claim_id) DO NOTHING",
-                    )
-                    .bind(change.practice_id.as_str())
-                    .bind(&change.claim_id)
-                    .bind(change.status.as_str())
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?
-                } else {
-                    sqlx::query(
-                        "UPDATE claim_states SET status = $1, version = version + 1, updated_at = $2
-                         WHERE practice_id = $3 AND claim_id = $4 AND version = $5",
-                    )
-                    .bind(change.status.as_str())
-                    .bind(now)
-                    .bind(change.practice_id.as_str())
-                    .bind(&change.claim_id)
-                    .bind(change.expected_version)
-                    .execute(&mut *tx)
-                    .await?
-                };
-                if done.rows_affected() == 0 {
+                if !Self::apply_claim_changes_in(&mut tx, std::slice::from_ref(change), now).await? {
                     return Err($crate::store::StoreError::VersionConflict { index: 0 });
                 }
                 Self::insert_outbox_in(&mut tx, outbox, $crate::store::jobs::micros(now)).await?;

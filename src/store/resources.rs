@@ -366,7 +366,7 @@ macro_rules! shared_resource_sql {
                 practice: &$crate::domain::ResourceId,
                 writes: &[$crate::store::ResourceWrite],
                 audit: &[$crate::audit::NewAuditEvent],
-                outbox: &[$crate::store::NewOutboxRow],
+                claims: $crate::store::ClaimEffects<'_>,
             ) -> Result<(), $crate::store::StoreError> {
                 use $crate::store::{Expect, StoreError, INDEX_INSERT_CHUNK, ROW_INSERT_CHUNK};
                 let _turn = self.write_turn().await;
@@ -494,10 +494,14 @@ macro_rules! shared_resource_sql {
                     });
                     insert.build().execute(&mut *tx).await?;
                 }
-                // The claim-status updates these writes report (a ClaimResponse), committed
-                // with them: see `Store::write_resources_with_outbox`.
+                // What these writes change of claims, committed with them: see
+                // `Store::write_resources_with_claims`.
                 let now = $crate::store::now();
-                Self::insert_outbox_in(&mut tx, outbox, $crate::store::jobs::micros(now)).await?;
+                if !Self::apply_claim_changes_in(&mut tx, claims.lifecycle, now).await? {
+                    return Err(StoreError::Conflict($crate::store::outbox::LIFECYCLE_CONFLICT));
+                }
+                Self::insert_outbox_in(&mut tx, claims.outbox, $crate::store::jobs::micros(now))
+                    .await?;
                 Self::append_audit_in(&mut tx, audit, now).await?;
                 tx.commit().await?;
                 Ok(())

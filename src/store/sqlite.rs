@@ -531,14 +531,14 @@ impl Store for SqliteStore {
         Ok(purged)
     }
 
-    async fn write_resources_with_outbox(
+    async fn write_resources_with_claims(
         &self,
         practice: &ResourceId,
         writes: &[ResourceWrite],
         audit: &[NewAuditEvent],
-        outbox: &[super::NewOutboxRow],
+        claims: super::ClaimEffects<'_>,
     ) -> Result<(), StoreError> {
-        self.shared_write_resources(practice, writes, audit, outbox)
+        self.shared_write_resources(practice, writes, audit, claims)
             .await
     }
 

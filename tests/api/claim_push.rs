@@ -35,11 +35,12 @@ fn fast_outbox() -> String {
     )
 }
 
-const SCOPES: &str = "system/Patient.cruds system/Organization.cruds system/Coverage.cruds \
-    system/Claim.cruds system/ClaimResponse.cruds";
+const SCOPES: &str = "system/Patient.cruds system/Practitioner.cruds system/Organization.cruds \
+    system/Coverage.cruds system/Claim.cruds system/ClaimResponse.cruds";
 
-/// A gateway as one client of one practice uses it (in-process or a `fhirgate serve`).
-struct Gateway {
+/// A gateway as one client of one practice uses it (in-process or a `fhirgate serve`); each
+/// [`Gateway::of`] is a client of a new practice.
+pub(crate) struct Gateway {
     base: String,
     http: reqwest::Client,
     token: String,
@@ -47,7 +48,7 @@ struct Gateway {
 }
 
 impl Gateway {
-    async fn of(app: &TestApp, role: Role) -> Self {
+    pub(crate) async fn of(app: &TestApp, role: Role) -> Self {
         let s = session(app, SCOPES, role).await;
         Self {
             base: app.address.clone(),
@@ -57,7 +58,7 @@ impl Gateway {
         }
     }
 
-    async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+    pub(crate) async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
         self.http
             .post(format!("{}{path}", self.base))
             .bearer_auth(&self.token)
@@ -68,7 +69,7 @@ impl Gateway {
             .unwrap()
     }
 
-    async fn get(&self, path: &str) -> reqwest::Response {
+    pub(crate) async fn get(&self, path: &str) -> reqwest::Response {
         self.http
             .get(format!("{}{path}", self.base))
             .bearer_auth(&self.token)
@@ -78,7 +79,7 @@ impl Gateway {
     }
 
     /// Creates a FHIR resource; its id.
-    async fn create(&self, resource: Value) -> String {
+    pub(crate) async fn create(&self, resource: Value) -> String {
         let ty = resource["resourceType"].as_str().unwrap().to_owned();
         let res = self.post(&format!("/fhir/r4/{ty}"), &resource).await;
         let status = res.status();
@@ -87,7 +88,7 @@ impl Gateway {
         body["id"].as_str().unwrap().to_owned()
     }
 
-    async fn set_status(&self, claim: &str, status: &str) -> reqwest::Response {
+    pub(crate) async fn set_status(&self, claim: &str, status: &str) -> reqwest::Response {
         self.post(
             &format!("/api/v1/claims/{claim}/status"),
             &json!({ "status": status }),
@@ -96,7 +97,7 @@ impl Gateway {
     }
 
     /// Changes a claim's status, expecting success; the update id queued for the EHR, if any.
-    async fn change(&self, claim: &str, status: &str) -> Option<String> {
+    pub(crate) async fn change(&self, claim: &str, status: &str) -> Option<String> {
         let res = self.set_status(claim, status).await;
         let code = res.status();
         let body: Value = res.json().await.unwrap();
@@ -1047,4 +1048,78 @@ async fn a_refused_update_dead_letters_at_once_and_a_replay_from_the_cli_wakes_r
         .env("FHIRGATE_DATABASE_URL", app.database_url.expose()));
     assert_eq!(out.status.code(), Some(2), "nothing left to replay");
     assert!(String::from_utf8_lossy(&out.stderr).contains("no dead letter"));
+}
+
+/// Issue 7's whole flow: a session is prepared into a claim (the EHR hears nothing yet), the
+/// claim is submitted (the EHR hears `queued`), the payer's ClaimResponse arrives through FHIR
+/// (complete, with a payment: the claim becomes accepted, then paid, and the EHR hears
+/// `complete`), and the paid claim's lifecycle is final.
+#[tokio::test]
+async fn a_prepared_claim_is_submitted_answered_and_its_status_reaches_the_ehr() {
+    let app = spawn_app_with(&fast_outbox()).await;
+    let gw = Gateway::of(&app, Role::Billing).await;
+    let ehr = connect_ehr(app.store.clone(), &gw.practice).await;
+    let p = pulled_patient(&gw, &ehr.connection, "ehr-pat-flow").await;
+    let practitioner = gw
+        .create(json!({
+            "resourceType": "Practitioner",
+            "identifier": [{ "system": "http://hl7.org/fhir/sid/us-npi", "value": "1234567893" }]
+        }))
+        .await;
+    let yesterday = (time::OffsetDateTime::now_utc().date() - time::Duration::days(1)).to_string();
+    let res = gw
+        .post(
+            "/api/v1/claims/prepare",
+            &json!({
+                "patient": p.id,
+                "practitioner": practitioner,
+                "date_of_service": yesterday,
+                "cpt_code": "90834",
+                "icd10_codes": ["F43.10"],
+                "fee": "150.00",
+                "payer_id": "BCBS",
+                "member_id": "XQB812345678"
+            }),
+        )
+        .await;
+    let code = res.status();
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(body["status"], "prepared");
+    let claim = body["claim_id"].as_str().unwrap().to_owned();
+    drained(&*app.store).await;
+    assert!(
+        ehr.sim.claim_updates(&claim).is_empty(),
+        "prepared: the EHR hears nothing"
+    );
+
+    assert!(gw.change(&claim, "submitted").await.is_some());
+    let updates = applied(&ehr.sim, &claim, 1).await;
+    assert_eq!(outcomes(&updates), ["queued"]);
+
+    gw.create(json!({
+        "resourceType": "ClaimResponse",
+        "status": "active",
+        "type": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/claim-type", "code": "professional" }] },
+        "use": "claim",
+        "patient": { "reference": format!("Patient/{}", p.id) },
+        "created": "2026-11-21",
+        "insurer": { "reference": format!("Organization/{}", p.payer) },
+        "request": { "reference": format!("Claim/{claim}") },
+        "outcome": "complete",
+        "disposition": "Paid as billed",
+        "payment": {
+            "type": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/ex-paymenttype", "code": "complete" }] },
+            "amount": { "value": 124.50, "currency": "USD" }
+        }
+    }))
+    .await;
+    let updates = applied(&ehr.sim, &claim, 2).await;
+    assert_eq!(outcomes(&updates), ["queued", "complete"]);
+    assert_eq!(updates[1].disposition.as_deref(), Some("Paid as billed"));
+    let res = gw.get(&format!("/api/v1/claims/{claim}/status")).await;
+    let state: Value = res.json().await.unwrap();
+    assert_eq!(state["status"], "paid", "{state}");
+    assert_eq!(state["version"], 4, "prepared, submitted, accepted, paid");
+    assert_eq!(gw.set_status(&claim, "denied").await.status(), 409);
 }

@@ -7,6 +7,7 @@ mod auth;
 mod binary;
 mod bundle;
 mod care;
+mod claim_prepare;
 mod claim_push;
 mod connections;
 mod export;

@@ -414,9 +414,9 @@ pub(crate) fn prepare(
     })
 }
 
-/// Writes one prepared version with its audit event and the claim-status outbox rows it
-/// reports (a ClaimResponse; see `sync::outbox`), all in the same transaction, and marks the
-/// request audited.
+/// Writes one prepared version with its audit event and what it changes of claims (a
+/// ClaimResponse's lifecycle steps and outbox rows; see `sync::outbox`), all in the same
+/// transaction, and marks the request audited.
 async fn commit(
     state: &AppState,
     req: &HttpRequest,
@@ -424,7 +424,7 @@ async fn commit(
     prepared: &Prepared,
     action: Action,
     status: StatusCode,
-    outbox: &[crate::store::NewOutboxRow],
+    claims: &crate::sync::outbox::rows::ClaimChanges,
 ) -> Result<(), StoreError> {
     let mut event = request_event(req, status);
     event.action = Some(action);
@@ -438,15 +438,15 @@ async fn commit(
     };
     state
         .store
-        .write_resources_with_outbox(
+        .write_resources_with_claims(
             practice,
             std::slice::from_ref(&prepared.write),
             &audit,
-            outbox,
+            claims.effects(),
         )
         .await?;
     req.extensions_mut().insert(AuditedInTransaction);
-    if !outbox.is_empty() {
+    if !claims.outbox.is_empty() {
         state.outbox.written();
     }
     Ok(())
@@ -755,7 +755,7 @@ async fn delete(
             &prepared,
             Action::Delete,
             StatusCode::NO_CONTENT,
-            &[],
+            &Default::default(),
         )
         .await
         {

@@ -17,10 +17,11 @@ use serde_json::Value;
 
 use super::ClaimOutbox;
 use crate::crypto::{field_aad, PhiVault};
+use crate::domain::ClaimStatus;
 use crate::domain::ResourceId;
 use crate::fhir::resources::{fields, open_json};
 use crate::http::ApiError;
-use crate::store::{NewOutboxRow, PushSource, Store, StoreError};
+use crate::store::{ClaimEffects, ClaimStatusChange, NewOutboxRow, PushSource, Store, StoreError};
 use crate::sync::pull::source_system;
 
 /// The column a payload is sealed for: its AAD is `claim_outbox.payload:{row id}`.
@@ -56,6 +57,31 @@ impl std::fmt::Debug for PushTarget {
 /// claim or its patient beside the ClaimResponse, and those are what the update is about.
 pub type Pending<'a> = HashMap<(&'a str, &'a str), Value>;
 
+/// What a FHIR write changes of claims (see [`ClaimEffects`]): the lifecycle steps of the
+/// ClaimResponses it writes and the updates it queues for the EHR.
+#[derive(Debug, Default)]
+pub struct ClaimChanges {
+    pub lifecycle: Vec<ClaimStatusChange>,
+    pub outbox: Vec<NewOutboxRow>,
+}
+
+impl ClaimChanges {
+    pub fn effects(&self) -> ClaimEffects<'_> {
+        ClaimEffects {
+            lifecycle: &self.lifecycle,
+            outbox: &self.outbox,
+        }
+    }
+}
+
+/// Whether a ClaimResponse reports a payment: `payment.amount.value` above zero.
+fn reports_payment(response: &Value) -> bool {
+    response
+        .pointer("/payment/amount/value")
+        .and_then(Value::as_f64)
+        .is_some_and(|v| v > 0.0)
+}
+
 /// What the rows need to read resources.
 pub struct Reader<'a> {
     pub store: &'a dyn Store,
@@ -83,15 +109,6 @@ impl Reader<'_> {
         }
         let json = open_json(self.vault, self.practice, &stored)?;
         Ok(serde_json::from_slice(&json).ok())
-    }
-
-    /// Where the practice's Claim `claim_id` goes; `None` when it does not exist or its patient
-    /// came from no connection of the practice.
-    pub async fn target_of_claim(&self, claim_id: &str) -> Result<Option<PushTarget>, ApiError> {
-        match self.resource("Claim", claim_id).await? {
-            Some(claim) => self.target_for(claim_id, &claim).await,
-            None => Ok(None),
-        }
     }
 
     /// Where the Claim `claim_id` (whose JSON is `claim`) goes; `None` when its patient came
@@ -175,15 +192,19 @@ impl ClaimOutbox {
         }
     }
 
-    /// The rows reporting the ClaimResponses among `written` (type, id, JSON of each resource a
-    /// write is about to commit): one per ClaimResponse whose `request` names a Claim of the
-    /// practice that has somewhere to go, its `outcome` and `disposition` being the update.
-    pub async fn claim_response_rows(
+    /// What the ClaimResponses among `written` (type, id, JSON of each resource a write is
+    /// about to commit) change of their claims: for each whose `request` names a Claim of the
+    /// practice, the lifecycle steps its answer takes the claim through
+    /// ([`ClaimStatus::steps_for_answer`], from the claim's status as stored, compared and set
+    /// at commit), and, when the claim has somewhere to go, the update with its `outcome` and
+    /// `disposition`.
+    pub async fn claim_response_changes(
         &self,
         reader: &Reader<'_>,
         written: &[(&str, &str, &Value)],
-    ) -> Result<Vec<NewOutboxRow>, ApiError> {
+    ) -> Result<ClaimChanges, ApiError> {
         let mut rows = Vec::new();
+        let mut lifecycle: Vec<ClaimStatusChange> = Vec::new();
         for (resource_type, _, resource) in written {
             if *resource_type != "ClaimResponse" {
                 continue;
@@ -202,7 +223,32 @@ impl ClaimOutbox {
             else {
                 continue;
             };
-            let Some(target) = reader.target_of_claim(&claim_id).await? else {
+            let Some(claim) = reader.resource("Claim", &claim_id).await? else {
+                continue;
+            };
+            // Where the claim stands: after this write's earlier answers, else as stored.
+            let (at, mut version) = match lifecycle.iter().rev().find(|c| c.claim_id == claim_id) {
+                Some(last) => (last.status, last.expected_version + 1),
+                None => match reader
+                    .store
+                    .outbox()
+                    .claim_state(reader.practice, &claim_id)
+                    .await?
+                {
+                    Some(state) => (state.status, state.version),
+                    None => (ClaimStatus::INITIAL, 0),
+                },
+            };
+            for step in at.steps_for_answer(outcome, reports_payment(resource)) {
+                lifecycle.push(ClaimStatusChange {
+                    practice_id: reader.practice.clone(),
+                    claim_id: claim_id.clone(),
+                    status: step,
+                    expected_version: version,
+                });
+                version += 1;
+            }
+            let Some(target) = reader.target_for(&claim_id, &claim).await? else {
                 continue;
             };
             let disposition = resource
@@ -218,7 +264,10 @@ impl ClaimOutbox {
                 PushSource::ClaimResponse,
             ));
         }
-        Ok(rows)
+        Ok(ClaimChanges {
+            lifecycle,
+            outbox: rows,
+        })
     }
 
     /// Opens a row's payload (dispatcher).
@@ -231,19 +280,20 @@ impl ClaimOutbox {
     }
 }
 
-/// The rows a FHIR write reports: one per ClaimResponse among `prepared` (the versions one
-/// request is about to commit together) whose claim has somewhere to go. The other resources
-/// of the same request are read as they will be once it commits.
+/// What a FHIR write changes of claims: for each ClaimResponse among `prepared` (the versions
+/// one request is about to commit together), its claim's lifecycle steps and, when the claim
+/// has somewhere to go, its update. The other resources of the same request are read as they
+/// will be once it commits.
 pub(crate) async fn for_fhir_writes(
     state: &crate::startup::AppState,
     practice: &ResourceId,
     prepared: &[&crate::fhir::resources::Prepared],
-) -> Result<Vec<NewOutboxRow>, ApiError> {
+) -> Result<ClaimChanges, ApiError> {
     let reports = |p: &&crate::fhir::resources::Prepared| {
         p.write.resource_type == "ClaimResponse" && p.write.sealed.is_some()
     };
     if !prepared.iter().any(reports) {
-        return Ok(Vec::new());
+        return Ok(ClaimChanges::default());
     }
     let values: Vec<(&str, &str, Value)> = prepared
         .iter()
@@ -264,5 +314,5 @@ pub(crate) async fn for_fhir_writes(
         practice,
         pending: &pending,
     };
-    state.outbox.claim_response_rows(&reader, &written).await
+    state.outbox.claim_response_changes(&reader, &written).await
 }
