@@ -805,6 +805,18 @@ async fn execute(
         let claims = crate::sync::outbox::rows::for_fhir_writes(state, practice, &prepared)
             .await
             .map_err(|err| Failure::from_api(err, 0))?;
+        if !state.skip_audit {
+            events.extend(claims.audit_events(|claim, patient| {
+                entry_event(
+                    req,
+                    StatusCode::OK,
+                    Action::Update,
+                    "Claim",
+                    Some(claim.to_owned()),
+                    patient,
+                )
+            }));
+        }
         match state
             .store
             .write_resources_with_claims(practice, &writes, &events, claims.effects())

@@ -1122,4 +1122,26 @@ async fn a_prepared_claim_is_submitted_answered_and_its_status_reaches_the_ehr()
     assert_eq!(state["status"], "paid", "{state}");
     assert_eq!(state["version"], 4, "prepared, submitted, accepted, paid");
     assert_eq!(gw.set_status(&claim, "denied").await.status(), 409);
+
+    // The trail: the claim's creation and each of its three moves, each naming the patient.
+    let (events, _) = app
+        .store
+        .search_audit(&fhirgate::store::AuditQuery {
+            practice: gw.practice.clone(),
+            since: None,
+            until: None,
+            patient: Some(p.id.clone()),
+            agent: None,
+            actions: Some("create,update".into()),
+            after_seq: 0,
+            limit: 500,
+        })
+        .await
+        .unwrap();
+    let of_claim: Vec<&str> = events
+        .iter()
+        .filter(|e| e.resource_id.as_deref() == Some(claim.as_str()))
+        .map(|e| e.action.as_str())
+        .collect();
+    assert_eq!(of_claim, ["create", "update", "update", "update"]);
 }

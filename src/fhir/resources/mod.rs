@@ -434,7 +434,16 @@ async fn commit(
     let audit = if state.skip_audit {
         vec![]
     } else {
-        vec![event]
+        let mut events = claims.audit_events(|claim, patient| {
+            let mut moved = event.clone();
+            moved.action = Some(Action::Update);
+            moved.resource_type = Some("Claim".into());
+            moved.resource_id = Some(claim.to_owned());
+            moved.patient_id = patient;
+            moved
+        });
+        events.insert(0, event);
+        events
     };
     state
         .store

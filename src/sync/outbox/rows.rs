@@ -62,10 +62,25 @@ pub type Pending<'a> = HashMap<(&'a str, &'a str), Value>;
 #[derive(Debug, Default)]
 pub struct ClaimChanges {
     pub lifecycle: Vec<ClaimStatusChange>,
+    /// The gateway's patient id of each lifecycle change's claim (its audit event names it).
+    lifecycle_patients: Vec<Option<String>>,
     pub outbox: Vec<NewOutboxRow>,
 }
 
 impl ClaimChanges {
+    /// One audit event per lifecycle change (`update` of the Claim), each made by `event`
+    /// from the claim id and its patient: the trail says which claims an answer moved.
+    pub fn audit_events(
+        &self,
+        event: impl Fn(&str, Option<String>) -> crate::audit::NewAuditEvent,
+    ) -> Vec<crate::audit::NewAuditEvent> {
+        self.lifecycle
+            .iter()
+            .zip(&self.lifecycle_patients)
+            .map(|(change, patient)| event(&change.claim_id, patient.clone()))
+            .collect()
+    }
+
     pub fn effects(&self) -> ClaimEffects<'_> {
         ClaimEffects {
             lifecycle: &self.lifecycle,
@@ -205,6 +220,7 @@ impl ClaimOutbox {
     ) -> Result<ClaimChanges, ApiError> {
         let mut rows = Vec::new();
         let mut lifecycle: Vec<ClaimStatusChange> = Vec::new();
+        let mut lifecycle_patients = Vec::new();
         for (resource_type, _, resource) in written {
             if *resource_type != "ClaimResponse" {
                 continue;
@@ -240,6 +256,11 @@ impl ClaimOutbox {
                 },
             };
             for step in at.steps_for_answer(outcome, reports_payment(resource)) {
+                lifecycle_patients.push(
+                    claim
+                        .get("patient")
+                        .and_then(|p| fields::reference_id(p, "Patient")),
+                );
                 lifecycle.push(ClaimStatusChange {
                     practice_id: reader.practice.clone(),
                     claim_id: claim_id.clone(),
@@ -266,6 +287,7 @@ impl ClaimOutbox {
         }
         Ok(ClaimChanges {
             lifecycle,
+            lifecycle_patients,
             outbox: rows,
         })
     }
