@@ -21,7 +21,8 @@ RUN mkdir -p src benches adapters/src mappings/src \
     && cargo build --release --locked --bin fhirgate \
     && rm -rf src benches adapters/src mappings/src
 
-# The real sources. config/ and migrations/ are compiled into the binary (include_str!).
+# The real sources. config/default.toml and migrations/ are compiled into the binary
+# (include_str!); config/codes and config/payers are read at run time (copied below).
 COPY src src
 COPY adapters adapters
 COPY mappings mappings
@@ -50,11 +51,16 @@ RUN groupadd --system --gid 10001 fhirgate \
     && chown fhirgate:fhirgate /var/lib/fhirgate
 
 COPY --from=builder /usr/local/bin/fhirgate /usr/local/bin/fhirgate
+# Claim preparation's code tables and payer rules are read at start (claims.rules_dir): a payer
+# is added by mounting another folder there (or a file into payers/) and restarting.
+COPY config/codes /etc/fhirgate/codes
+COPY config/payers /etc/fhirgate/payers
 
 USER 10001:10001
 WORKDIR /var/lib/fhirgate
 ENV FHIRGATE_LISTEN=0.0.0.0:8080 \
-    FHIRGATE_DATABASE_URL=sqlite:///var/lib/fhirgate/fhirgate.db
+    FHIRGATE_DATABASE_URL=sqlite:///var/lib/fhirgate/fhirgate.db \
+    FHIRGATE_CLAIMS__RULES_DIR=/etc/fhirgate
 EXPOSE 8080
 VOLUME /var/lib/fhirgate
 

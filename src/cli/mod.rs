@@ -2,6 +2,7 @@
 //! variables. Commands meant for scripts print one JSON object a line on stdout; diagnostics go to
 //! stderr and never contain PHI.
 
+mod claims;
 mod connections;
 mod healthcheck;
 mod outbox;
@@ -9,6 +10,7 @@ mod sandbox;
 mod sync;
 mod webhooks;
 
+pub use claims::ClaimsCommand;
 pub use connections::ConnectionsCommand;
 pub use outbox::OutboxCommand;
 pub use sandbox::{sandbox_spec, SandboxArgs};
@@ -65,6 +67,9 @@ pub enum Command {
     /// The webhook inbox: list events (dead ones included) and retry dead ones.
     #[command(subcommand)]
     Webhooks(WebhooksCommand),
+    /// Claim preparation: check the code tables and payer rules.
+    #[command(subcommand)]
+    Claims(ClaimsCommand),
     /// Try a full pull locally: EHR simulators with synthetic patients, a connection to each,
     /// one pull through the real adapters into the configured database.
     Sandbox(SandboxArgs),
@@ -283,6 +288,7 @@ async fn dispatch(command: Command, settings: Settings) -> Result<(), CliError> 
         Command::Connections(cmd) => connections::run(cmd, settings).await,
         Command::Outbox(cmd) => outbox::run(cmd, settings).await,
         Command::Webhooks(cmd) => webhooks::run(cmd, settings).await,
+        Command::Claims(cmd) => claims::run(cmd, settings),
         Command::Sandbox(args) => sandbox::run(args, settings).await,
         Command::Sync(cmd) => sync::run(cmd, settings).await,
         Command::Audit(cmd) => audit(cmd, settings).await,

@@ -525,3 +525,59 @@ async fn no_phi_reaches_the_logs_whatever_the_request_carries() {
         assert!(!logs.contains(value), "`{value}` reached the logs:\n{logs}");
     }
 }
+
+#[test]
+fn claims_check_rules_lists_the_payers_and_names_the_file_and_key_of_a_bad_one() {
+    let out = run(fhirgate().args(["claims", "check-rules"]));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let loaded: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let payers: Vec<&str> = loaded["payers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap())
+        .collect();
+    assert!(
+        payers.contains(&"BCBS") && payers.contains(&"AETNA"),
+        "{loaded}"
+    );
+    assert!(loaded["icd10_codes"].as_u64().unwrap() > 70_000);
+
+    // A copy of the shipped rules with one more payer whose rule has a typo.
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    for sub in ["codes", "payers"] {
+        std::fs::create_dir(dir.path().join(sub)).unwrap();
+        for entry in std::fs::read_dir(shipped.join(sub)).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), dir.path().join(sub).join(entry.file_name())).unwrap();
+        }
+    }
+    let acme = dir.path().join("payers/acme.yaml");
+    std::fs::write(
+        &acme,
+        "id: ACME\nname: Acme Health\ntimely_filing_days: 90\nrules:\n  - id: auth\n    when: { cpts: [\"90837\"] }\n    require: prior_authorization\n",
+    )
+    .unwrap();
+    let out = run(fhirgate()
+        .args(["claims", "check-rules", "--dir"])
+        .arg(dir.path()));
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("acme.yaml") && err.contains("rules[0].when"),
+        "{err}"
+    );
+
+    // Fixed, the new payer loads with no code change; serve would use it.
+    std::fs::write(
+        &acme,
+        "id: ACME\nname: Acme Health\ntimely_filing_days: 90\nrules:\n  - id: auth\n    when: { cpt: [\"90837\"] }\n    require: prior_authorization\n",
+    )
+    .unwrap();
+    let out = run(fhirgate()
+        .args(["claims", "check-rules", "--dir"])
+        .arg(dir.path()));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"ACME\""));
+}
