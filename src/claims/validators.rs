@@ -40,6 +40,16 @@ pub(crate) fn chain() -> Chain {
     ]
 }
 
+/// A problem of an amount field (`{field}.{rule}`).
+fn invalid_amount(field: &str, rule: &str, message: impl AsRef<str>) -> Problem {
+    Problem::new(
+        field,
+        ProblemKind::Invalid,
+        format!("{field}.{rule}"),
+        message,
+    )
+}
+
 /// Fee positive, copay not negative and not above the fee, both within the currency's decimals
 /// and below [`MAX_MINOR_UNITS`](super::money::MAX_MINOR_UNITS).
 struct Fee;
@@ -51,19 +61,17 @@ impl Validator for Fee {
         let mut minor = |field: &str, amount: &Input<Decimal>, positive: bool| {
             let amount = amount.valid()?;
             if positive && !amount.is_positive() {
-                out.push(Problem::new(
+                out.push(invalid_amount(
                     field,
-                    ProblemKind::Invalid,
-                    format!("{field}.positive"),
+                    "positive",
                     "must be greater than zero",
                 ));
                 return None;
             }
             if amount.is_negative() {
-                out.push(Problem::new(
+                out.push(invalid_amount(
                     field,
-                    ProblemKind::Invalid,
-                    format!("{field}.not-negative"),
+                    "not-negative",
                     "must not be negative",
                 ));
                 return None;
@@ -72,10 +80,9 @@ impl Validator for Fee {
             match amount.to_minor_units(currency) {
                 Ok(units) => Some(units),
                 Err(MinorUnitsError::TooPrecise) => {
-                    out.push(Problem::new(
+                    out.push(invalid_amount(
                         field,
-                        ProblemKind::Invalid,
-                        format!("{field}.precision"),
+                        "precision",
                         format!(
                             "has more decimal places than {currency} allows ({})",
                             currency.minor_units()
@@ -84,10 +91,9 @@ impl Validator for Fee {
                     None
                 }
                 Err(MinorUnitsError::TooLarge) => {
-                    out.push(Problem::new(
+                    out.push(invalid_amount(
                         field,
-                        ProblemKind::Invalid,
-                        format!("{field}.magnitude"),
+                        "magnitude",
                         "is too large for a claim amount",
                     ));
                     None
