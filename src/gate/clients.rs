@@ -79,7 +79,7 @@ impl Role {
 pub enum ClientKeys {
     /// A JWKS document, validated on the way in.
     Inline(String),
-    /// An `https://` (or, for local testing, `http://`) URL serving the client's JWKS.
+    /// An `https://` (or, to localhost only, `http://`) URL serving the client's JWKS.
     Url(String),
 }
 
@@ -108,12 +108,25 @@ impl ClientKeys {
         Ok(ClientKeys::Inline(jwks.to_owned()))
     }
 
+    /// A JWKS URL: `https`, or `http` to this machine only (a local test server). Keys fetched
+    /// over plain HTTP from another host could be swapped on the way, and whoever swaps them can
+    /// sign the client's assertions; credentials in the URL are refused too.
     pub fn url(url: &str) -> Result<ClientKeys, InvalidValue> {
-        if url.starts_with("https://") || url.starts_with("http://") {
-            Ok(ClientKeys::Url(url.to_owned()))
-        } else {
-            Err(InvalidValue::new("jwks_url", "must be an https:// URL"))
+        let refused = InvalidValue::new(
+            "jwks_url",
+            "must be an https:// URL without credentials (http:// only to localhost)",
+        );
+        let parsed = reqwest::Url::parse(url).map_err(|_| refused.clone())?;
+        let loopback = matches!(parsed.host_str(), Some("localhost" | "127.0.0.1" | "[::1]"));
+        let secure = match parsed.scheme() {
+            "https" => parsed.host_str().is_some_and(|h| !h.is_empty()),
+            "http" => loopback,
+            _ => false,
+        };
+        if !secure || !parsed.username().is_empty() || parsed.password().is_some() {
+            return Err(refused);
         }
+        Ok(ClientKeys::Url(url.to_owned()))
     }
 }
 
@@ -238,5 +251,31 @@ impl JwksFetcher {
 impl Default for JwksFetcher {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ClientKeys;
+
+    #[test]
+    fn a_jwks_url_is_https_or_plain_http_to_this_machine_only() {
+        for ok in [
+            "https://partner.example/.well-known/jwks.json",
+            "http://127.0.0.1:8181/jwks.json",
+            "http://localhost/jwks.json",
+        ] {
+            assert!(ClientKeys::url(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://partner.example/jwks.json",
+            "https://user:secret@partner.example/jwks.json",
+            "ftp://partner.example/jwks.json",
+            "partner.example/jwks.json",
+            "https://",
+        ] {
+            let err = ClientKeys::url(bad).unwrap_err();
+            assert_eq!(err.field, "jwks_url", "{bad}");
+        }
     }
 }
