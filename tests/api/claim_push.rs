@@ -43,8 +43,8 @@ const SCOPES: &str = "system/Patient.cruds system/Practitioner.cruds system/Orga
 pub(crate) struct Gateway {
     base: String,
     http: reqwest::Client,
-    token: String,
-    practice: ResourceId,
+    pub(crate) token: String,
+    pub(crate) practice: ResourceId,
 }
 
 impl Gateway {

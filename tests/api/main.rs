@@ -14,6 +14,7 @@ mod export;
 mod fhir_surface;
 mod helpers;
 mod internal_api;
+mod isolation;
 mod keys;
 mod operations;
 mod patient;
