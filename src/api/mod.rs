@@ -8,8 +8,10 @@ pub mod clients;
 pub mod dead_letters;
 pub mod jobs;
 
-use actix_web::middleware::from_fn;
-use actix_web::{web, HttpMessage, HttpRequest};
+use actix_web::body::{EitherBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::middleware::{from_fn, Next};
+use actix_web::{web, Error, HttpMessage, HttpRequest};
 
 use crate::audit::middleware::{audit_request, AuditedInTransaction};
 use crate::audit::NewAuditEvent;
@@ -21,12 +23,30 @@ use crate::startup::AppState;
 
 pub const API_BASE: &str = "/api/v1";
 
+/// The largest request body the internal API reads (a prepared claim, a client's JWKS).
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// actix's own refusals (a body over the limit, one that cannot be read) come as plain text:
+/// here, as everywhere, an error is an OperationOutcome.
+async fn outcome_errors(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, Error> {
+    let res = next.call(req).await?;
+    match crate::fhir::negotiate::outcome_for_plain_error(&res) {
+        Some(outcome) => Ok(res.into_response(outcome).map_into_right_body()),
+        None => Ok(res.map_into_left_body()),
+    }
+}
+
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope(API_BASE)
+            .app_data(web::PayloadConfig::new(MAX_BODY_BYTES))
             .wrap(from_fn(limit_request))
             .wrap(from_fn(authenticate))
             .wrap(from_fn(audit_request))
+            .wrap(from_fn(outcome_errors))
             .configure(clients::configure)
             .configure(jobs::configure)
             .configure(claim_prepare::configure)

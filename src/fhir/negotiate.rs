@@ -85,7 +85,9 @@ pub(crate) fn decide(query: &str, accept: Option<&header::Accept>) -> Decision {
 /// An OperationOutcome in place of an error that is not one already: actix's own answers to
 /// a body over the size limit (413), a body that cannot be read (400) and the like come as
 /// plain text, and every FHIR error must be an OperationOutcome.
-fn outcome_for_plain_error<B>(res: &ServiceResponse<B>) -> Option<actix_web::HttpResponse> {
+pub(crate) fn outcome_for_plain_error<B>(
+    res: &ServiceResponse<B>,
+) -> Option<actix_web::HttpResponse> {
     let status = res.status();
     if !(status.is_client_error() || status.is_server_error()) {
         return None;

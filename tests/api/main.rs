@@ -13,6 +13,7 @@ mod connections;
 mod export;
 mod fhir_surface;
 mod helpers;
+mod hostile;
 mod internal_api;
 mod isolation;
 mod keys;
