@@ -1145,3 +1145,43 @@ async fn a_prepared_claim_is_submitted_answered_and_its_status_reaches_the_ehr()
         .collect();
     assert_eq!(of_claim, ["create", "update", "update", "update"]);
 }
+
+/// What a queued or dead-lettered update carries (the ids at the EHR, the disposition text) is
+/// sealed at rest: scanning everything SQLite wrote finds none of it in clear.
+#[tokio::test]
+async fn an_update_waiting_or_dead_is_ciphertext_at_rest() {
+    if crate::helpers::backend() != fhirgate::store::Backend::Sqlite {
+        return; // The scan reads SQLite's files; PostgreSQL's row scan is in patient.rs.
+    }
+    let app = spawn_app_with(&fast_outbox()).await;
+    let gw = Gateway::of(&app, Role::Billing).await;
+    let ehr = connect_ehr(app.store.clone(), &gw.practice).await;
+    let p = pulled_patient(&gw, &ehr.connection, "ehr-pat-Zyxwvutsrq").await;
+    let claim = new_claim(&gw, &p, Some((&ehr.connection, "ehr-claim-Qponmlkjih"))).await;
+    gw.change(&claim, "prepared").await;
+    ehr.sim.controls().set_failure_rate(1.0);
+    let res = gw
+        .post(
+            &format!("/api/v1/claims/{claim}/status"),
+            &json!({ "status": "submitted", "disposition": "Sent for Ada Quillfeather Vwxyzabcde" }),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    drained(&*app.store).await;
+    let res = gw.get("/api/v1/dead-letters").await;
+    let page: Value = res.json().await.unwrap();
+    assert_eq!(page["dead_letters"].as_array().unwrap().len(), 1);
+
+    let bytes = crate::helpers::sqlite_bytes(&app);
+    for secret in [
+        "ehr-pat-Zyxwvutsrq",
+        "ehr-claim-Qponmlkjih",
+        "Vwxyzabcde",
+        "Quillfeather",
+    ] {
+        assert!(
+            !crate::helpers::contains(&bytes, secret),
+            "{secret} in clear"
+        );
+    }
+}

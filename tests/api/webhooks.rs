@@ -1115,3 +1115,35 @@ async fn no_phi_of_a_webhook_reaches_the_logs() {
         );
     }
 }
+
+/// A notification carrying a full Patient is sealed in the inbox and in the store: scanning
+/// everything SQLite wrote finds none of its PHI in clear.
+#[tokio::test]
+async fn a_carried_patient_is_ciphertext_at_rest_in_the_inbox_and_the_store() {
+    if crate::helpers::backend() != fhirgate::store::Backend::Sqlite {
+        return; // The scan reads SQLite's files; PostgreSQL's row scan is in patient.rs.
+    }
+    let h = hooked(FAST, 2).await;
+    let (app, conn) = (&h.app, h.connection.as_str());
+    let ids = h.sim.patient_ids();
+    let mut carried = h.sim.patient(&ids[0]).unwrap();
+    carried["name"][0]["family"] = json!("Wabbajackfamily");
+    carried["birthDate"] = json!("1911-11-11");
+    carried["meta"]["versionId"] = json!("2");
+    let full = r4b_notification("event-notification", 1, &[(1, &ids[0])], &[carried]);
+    assert_eq!(
+        answer(post_fhir(app, conn, SECRET, &full).await).await.0,
+        202
+    );
+    let done = settled(app, conn, 1).await;
+    assert_eq!(done[0].status, "done", "{done:#?}");
+    assert_eq!(found(app, &h.session.token, conn, &ids[0]).await.len(), 1);
+
+    let bytes = crate::helpers::sqlite_bytes(app);
+    for secret in ["Wabbajackfamily", "1911-11-11"] {
+        assert!(
+            !crate::helpers::contains(&bytes, secret),
+            "{secret} in clear"
+        );
+    }
+}
