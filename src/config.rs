@@ -64,6 +64,9 @@ pub struct Settings {
     pub webhooks: crate::sync::webhooks::WebhookSettings,
     /// Claim preparation: where the code tables and payer rules are read from at start.
     pub claims: crate::claims::ClaimsSettings,
+    /// Proxies (IP addresses or CIDR ranges, comma-separated) whose `X-Forwarded-For` names the
+    /// client; empty: the header is ignored (`http::client_ip`).
+    pub trusted_proxies: String,
 }
 
 /// A secret setting: redacted whenever displayed.
@@ -232,6 +235,9 @@ impl Settings {
         }
         if let Err((key, reason)) = self.webhooks.validate() {
             return Err(bad(key, reason));
+        }
+        if let Err(reason) = crate::http::client_ip::TrustedProxies::parse(&self.trusted_proxies) {
+            return Err(bad("trusted_proxies", reason));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
             return Err(bad("log_level", "is not a valid tracing filter directive"));

@@ -56,6 +56,8 @@ pub struct AppState {
     pub webhooks: crate::sync::webhooks::Webhooks,
     /// Claim preparation's code tables, payer rules and validator chain.
     pub claim_rules: Arc<crate::claims::ClaimRules>,
+    /// Whose `X-Forwarded-For` names the client (audit `source_ip`, token rate limit).
+    pub trusted_proxies: crate::http::client_ip::TrustedProxies,
 }
 
 /// Options that are not configuration. Nothing in the CLI or the config files can set them.
@@ -232,6 +234,11 @@ impl Application {
                 Arc::clone(&store),
             ),
             claim_rules,
+            // Checked when the settings were loaded.
+            trusted_proxies: crate::http::client_ip::TrustedProxies::parse(
+                &settings.trusted_proxies,
+            )
+            .unwrap_or_default(),
         });
         let exports = state.exports.clone();
         fhir::export::start(state.clone());

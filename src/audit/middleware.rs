@@ -102,7 +102,7 @@ pub fn request_event(request: &HttpRequest, status: StatusCode) -> NewAuditEvent
             .flatten(),
         resource_id: id,
         resource_type,
-        source_ip: request.peer_addr().map(|a| a.ip().to_string()),
+        source_ip: crate::http::client_ip::client_ip(request).map(|ip| ip.to_string()),
         user_agent: headers
             .get(header::USER_AGENT)
             .and_then(|v| v.to_str().ok())

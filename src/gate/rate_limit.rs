@@ -384,9 +384,8 @@ pub async fn limit_token<B: MessageBody + 'static>(
     if !state.rate_limits.enabled() {
         return Ok(next.call(req).await?.map_into_left_body());
     }
-    let ip = req
-        .peer_addr()
-        .map(|a| a.ip().to_string())
+    let ip = crate::http::client_ip::client_ip(req.request())
+        .map(|ip| ip.to_string())
         .unwrap_or_default();
     let decision = state.rate_limits.check_token(&ip);
     apply(&state, decision, req, next).await

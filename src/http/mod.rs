@@ -2,6 +2,7 @@
 //! every request passes (request id, tracing span, metrics). Never writes PHI or query strings
 //! to logs or metric labels.
 
+pub mod client_ip;
 pub mod error;
 pub mod observe;
 pub mod respond;

@@ -335,3 +335,35 @@ async fn a_purge_removes_only_events_older_than_six_years_and_the_chain_still_ve
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// The source address of the newest audit event of `practice`, after a gated request that
+/// carried `X-Forwarded-For: 203.0.113.7, 198.51.100.20`.
+async fn audited_source(app: &TestApp) -> String {
+    let (token, practice) = authenticated(app).await;
+    let res = app
+        .client
+        .get(app.url("/fhir/r4/Patient?_summary=count"))
+        .bearer_auth(&token)
+        .header("x-forwarded-for", "203.0.113.7, 198.51.100.20")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let events = chain(app, &practice).await;
+    events.last().unwrap().source_ip.clone().unwrap()
+}
+
+#[tokio::test]
+async fn the_audited_source_is_the_peer_unless_it_is_a_trusted_proxy() {
+    // By default the header is the client's word and is ignored.
+    let app = spawn_app().await;
+    assert_eq!(audited_source(&app).await, "127.0.0.1");
+
+    // Behind a trusted proxy (the test client's address), the first untrusted address from the
+    // right: 198.51.100.20 was appended by the proxy, 203.0.113.7 sent by the client itself.
+    let behind = crate::helpers::spawn_app_with("trusted_proxies = '127.0.0.1'\n").await;
+    assert_eq!(audited_source(&behind).await, "198.51.100.20");
+    let behind_both =
+        crate::helpers::spawn_app_with("trusted_proxies = '127.0.0.1, 198.51.100.0/24'\n").await;
+    assert_eq!(audited_source(&behind_both).await, "203.0.113.7");
+}

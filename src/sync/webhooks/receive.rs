@@ -110,7 +110,7 @@ fn audit_event(req: &HttpRequest, facts: &Facts, status: StatusCode) -> NewAudit
         action: Some(Action::Webhook),
         status_code: status.as_u16(),
         connection_id: facts.connection.clone(),
-        source_ip: req.peer_addr().map(|a| a.ip().to_string()),
+        source_ip: crate::http::client_ip::client_ip(req).map(|ip| ip.to_string()),
         user_agent: req
             .headers()
             .get(header::USER_AGENT)
