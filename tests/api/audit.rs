@@ -367,3 +367,98 @@ async fn the_audited_source_is_the_peer_unless_it_is_a_trusted_proxy() {
         crate::helpers::spawn_app_with("trusted_proxies = '127.0.0.1, 198.51.100.0/24'\n").await;
     assert_eq!(audited_source(&behind_both).await, "203.0.113.7");
 }
+
+/// Makes every audit insert fail (`down`) or lets them through again.
+async fn audit_trail(app: &TestApp, down: bool) {
+    let url = app.database_url.expose();
+    let statements: &[&str] = match (backend(), down) {
+        (Backend::Sqlite, true) => &["CREATE TRIGGER audit_down BEFORE INSERT ON audit_events \
+             BEGIN SELECT RAISE(ABORT, 'audit trail down'); END"],
+        (Backend::Sqlite, false) => &["DROP TRIGGER audit_down"],
+        (Backend::Postgres, true) => &[
+            "CREATE FUNCTION audit_down() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'audit trail down'; END $$",
+            "CREATE TRIGGER audit_down BEFORE INSERT ON audit_events \
+             FOR EACH ROW EXECUTE FUNCTION audit_down()",
+        ],
+        (Backend::Postgres, false) => &[
+            "DROP TRIGGER audit_down ON audit_events",
+            "DROP FUNCTION audit_down()",
+        ],
+    };
+    match backend() {
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(url).await.unwrap();
+            for s in statements {
+                sqlx::query(s).execute(&pool).await.unwrap();
+            }
+            pool.close().await;
+        }
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(url).await.unwrap();
+            for s in statements {
+                sqlx::query(s).execute(&pool).await.unwrap();
+            }
+            pool.close().await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn nothing_is_served_or_stored_while_the_audit_trail_cannot_be_written() {
+    let app = spawn_app().await;
+    let s = session(&app, "system/Patient.cruds", Role::ExternalSystem).await;
+    let patient = serde_json::json!({
+        "resourceType": "Patient",
+        "name": [{ "family": "Unauditedaccess" }]
+    });
+    let post = |body: &Value| {
+        app.client
+            .post(app.url("/fhir/r4/Patient"))
+            .bearer_auth(&s.token)
+            .header("content-type", "application/fhir+json")
+            .body(body.to_string())
+            .send()
+    };
+    let res = post(&patient).await.unwrap();
+    assert_eq!(res.status(), 201);
+    let id = res.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let read = || {
+        app.client
+            .get(app.url(&format!("/fhir/r4/Patient/{id}")))
+            .bearer_auth(&s.token)
+            .send()
+    };
+
+    audit_trail(&app, true).await;
+    // A read would be an unaudited disclosure: 503, and the body carries nothing of the patient.
+    let res = read().await.unwrap();
+    assert_eq!(res.status(), 503);
+    let body = res.text().await.unwrap();
+    assert!(
+        body.contains("OperationOutcome") && !body.contains("Unauditedaccess"),
+        "{body}"
+    );
+    // A write fails whole: its audit event commits with it or not at all.
+    let res = post(&patient).await.unwrap();
+    assert_eq!(res.status(), 503, "{}", res.text().await.unwrap());
+
+    // Once the trail takes writes again, the gateway serves again by itself.
+    audit_trail(&app, false).await;
+    let res = read().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let count = app
+        .client
+        .get(app.url("/fhir/r4/Patient?_summary=count"))
+        .bearer_auth(&s.token)
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(count["total"], 1, "the refused create stored nothing");
+}
