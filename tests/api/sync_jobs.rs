@@ -142,6 +142,8 @@ async fn a_pull_killed_halfway_resumes_from_its_last_committed_page_and_ends_lik
         .unwrap();
     let url = app.database_url.clone();
     let id = connection.clone();
+    // How the first attempt ended, should it end before it is killed (it must not).
+    let (ended_tx, mut ended) = tokio::sync::oneshot::channel();
     process.spawn(async move {
         let options = fhirgate::store::PoolOptions {
             max_connections: 2,
@@ -149,9 +151,11 @@ async fn a_pull_killed_halfway_resumes_from_its_last_committed_page_and_ends_lik
         };
         let store = fhirgate::store::connect(&url, &options).await.unwrap();
         let jobs = jobs(&store, &no_coverage()).await;
-        let _ = jobs.run(&id, StartedBy::Manual, None, None).await;
+        let outcome = jobs.run(&id, StartedBy::Manual, None, None).await;
+        let _ = ended_tx.send(format!("{outcome:?}"));
     });
-    let mut waited = 0;
+    // A bounded wait (a loaded CI machine runs many tests beside this one), not a timing goal.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
     loop {
         let pages = runs(&app.store, &connection)
             .await
@@ -160,8 +164,13 @@ async fn a_pull_killed_halfway_resumes_from_its_last_committed_page_and_ends_lik
         if pages >= 3 {
             break;
         }
-        waited += 1;
-        assert!(waited < 300, "the first attempt never committed 3 pages");
+        if let Ok(outcome) = ended.try_recv() {
+            panic!("the first attempt ended after {pages} pages instead of running on: {outcome}");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first attempt committed {pages} pages in 90 s"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     process.shutdown_background();
