@@ -1,8 +1,10 @@
 //! `POST /api/v1/claims/prepare`: a therapy session in, a prepared claim out (`practice_admin`
 //! or `billing`).
 //!
-//! The body names the session (patient, practitioner, date of service, CPT code, ICD-10-CM
-//! codes, fee, copay, payer; see `claims::PrepareRequest`). The gateway reads what the body
+//! The body names the session in the field names of the external contract (ARCHITECTURE.md):
+//! `practice_id` (optional, must be the token's), `therapist_id`, `patient_id`, `session_date`,
+//! `cpt_code`, `icd10_code` (or `icd10_codes`), `fee`, `copay`, `payer_id`; see
+//! `claims::PrepareRequest`. The gateway reads what the body
 //! points at, in the caller's practice: the Patient, the Practitioner (its NPI, system
 //! `http://hl7.org/fhir/sid/us-npi`) and the patient's Coverage for the payer (its member id,
 //! when the body carries none). Then the validator chain (`claims`) runs whole:
@@ -153,11 +155,24 @@ async fn resolve(
         pending: &pending,
     };
     let mut problems = Vec::new();
+    // The practice is the token's; a body naming another is refused, never followed.
+    if let Some(named) = &body.practice_id {
+        if named.as_str().map(str::trim) != Some(caller.practice_id.as_str()) {
+            problems.push(Problem {
+                field: "practice_id".into(),
+                kind: ProblemKind::Invalid,
+                rule: "practice_id.caller".into(),
+                message:
+                    "practice_id: is not the practice of the access token (it may be left out)"
+                        .into(),
+            });
+        }
+    }
     let mut practitioner_npi = None;
     if let Some(id) = body.practitioner_id() {
         match reader.resource("Practitioner", id.as_str()).await? {
             Some(practitioner) => practitioner_npi = identifier_of(&practitioner, NPI_SYSTEM),
-            None => problems.push(not_found("practitioner", "Practitioner")),
+            None => problems.push(not_found("therapist_id", "Practitioner")),
         }
     }
     let mut member_id = None;
@@ -168,7 +183,7 @@ async fn resolve(
             .await?
             .is_none()
         {
-            problems.push(not_found("patient", "Patient"));
+            problems.push(not_found("patient_id", "Patient"));
         } else if let Some(payer) = state.claim_rules.payer_of(body) {
             let kind = kind_of("Coverage").ok_or(ApiError::Internal)?;
             let condition = format!("patient=Patient/{}", patient.as_str());

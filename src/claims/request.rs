@@ -21,6 +21,8 @@ pub const MAX_ICD10_CODES: usize = 12;
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(from = "Map<String, Value>")]
 pub struct PrepareRequest {
+    /// The caller's practice (optional; the route refuses another practice's id).
+    pub practice_id: Option<Value>,
     pub patient: Option<Value>,
     pub practitioner: Option<Value>,
     pub date_of_service: Option<Value>,
@@ -44,9 +46,10 @@ impl From<Map<String, Value>> for PrepareRequest {
     fn from(mut map: Map<String, Value>) -> Self {
         let mut take = |name: &str| map.shift_remove(name).filter(|v| !v.is_null());
         let mut request = Self {
-            patient: take("patient"),
-            practitioner: take("practitioner"),
-            date_of_service: take("date_of_service"),
+            practice_id: take("practice_id"),
+            patient: take("patient_id"),
+            practitioner: take("therapist_id"),
+            date_of_service: take("session_date"),
             cpt_code: take("cpt_code"),
             icd10_codes: take("icd10_codes"),
             icd10_code: take("icd10_code"),
@@ -145,9 +148,9 @@ pub(crate) fn first_pass<'r>(
     out: &mut Vec<Problem>,
 ) -> Draft<'r> {
     let mut p = Pass { out };
-    let patient = p.resource_id("patient", &request.patient);
-    let practitioner = p.resource_id("practitioner", &request.practitioner);
-    let date_of_service = p.date("date_of_service", &request.date_of_service);
+    let patient = p.resource_id("patient_id", &request.patient);
+    let practitioner = p.resource_id("therapist_id", &request.practitioner);
+    let date_of_service = p.date("session_date", &request.date_of_service);
     let cpt = p
         .required_string("cpt_code", &request.cpt_code)
         .then_parse(|s| {

@@ -33,9 +33,9 @@ fn ctx() -> ClaimContext {
 /// A request that passes for BCBS; tests change one thing at a time.
 fn base() -> Value {
     json!({
-        "patient": "pat-1",
-        "practitioner": "prac-1",
-        "date_of_service": "2026-03-10",
+        "patient_id": "pat-1",
+        "therapist_id": "prac-1",
+        "session_date": "2026-03-10",
         "cpt_code": "90834",
         "icd10_codes": ["F41.1"],
         "fee": 150,
@@ -299,20 +299,20 @@ fn between_one_and_twelve_distinct_codes_are_accepted() {
 fn a_date_after_today_is_rejected_and_today_is_fine() {
     let tomorrow = date_str(TODAY + Duration::days(1));
     assert_eq!(
-        rule_ids(with(json!({ "date_of_service": tomorrow }))),
-        ["date_of_service.not-future"]
+        rule_ids(with(json!({ "session_date": tomorrow }))),
+        ["session_date.not-future"]
     );
-    assert!(check(with(json!({ "date_of_service": date_str(TODAY) }))).is_ok());
+    assert!(check(with(json!({ "session_date": date_str(TODAY) }))).is_ok());
 }
 
 #[test]
 fn the_timely_filing_window_includes_its_last_day() {
     let days = i64::from(rules().payer("BCBS").unwrap().timely_filing_days());
     let last_day = date_str(TODAY - Duration::days(days));
-    assert!(check(with(json!({ "date_of_service": last_day }))).is_ok());
+    assert!(check(with(json!({ "session_date": last_day }))).is_ok());
     let one_late = date_str(TODAY - Duration::days(days + 1));
-    let problem = only_problem(with(json!({ "date_of_service": one_late })));
-    assert_eq!(problem.rule, "date_of_service.timely-filing");
+    let problem = only_problem(with(json!({ "session_date": one_late })));
+    assert_eq!(problem.rule, "session_date.timely-filing");
     assert_eq!(problem.kind, ProblemKind::BusinessRule);
 }
 
@@ -325,8 +325,8 @@ fn a_date_not_written_yyyy_mm_dd_or_not_on_the_calendar_is_invalid() {
         "2026-03-10T00:00:00",
     ] {
         assert_eq!(
-            rule_ids(with(json!({ "date_of_service": bad }))),
-            ["date_of_service.format"],
+            rule_ids(with(json!({ "session_date": bad }))),
+            ["session_date.format"],
             "{bad}"
         );
     }
@@ -344,7 +344,7 @@ fn a_practitioner_without_an_npi_is_a_required_problem() {
     assert_eq!(problems.len(), 1);
     assert_eq!(
         (problems[0].field.as_str(), problems[0].kind),
-        ("practitioner", ProblemKind::Required)
+        ("therapist_id", ProblemKind::Required)
     );
 }
 
@@ -356,7 +356,7 @@ fn an_npi_with_a_bad_check_digit_is_rejected() {
     };
     let problems = check_in(base(), &ctx).unwrap_err();
     assert_eq!(problems.len(), 1);
-    assert_eq!(problems[0].rule, "practitioner.npi");
+    assert_eq!(problems[0].rule, "therapist_id.npi");
     assert_eq!(
         rule_ids(with(json!({ "referring_provider_npi": "1987654320" }))),
         ["referring_provider_npi.npi"]
@@ -455,11 +455,11 @@ fn aetna_has_a_shorter_filing_window_than_bcbs() {
     let bcbs = i64::from(rules().payer("BCBS").unwrap().timely_filing_days());
     assert!(aetna < bcbs);
     let date = date_str(TODAY - Duration::days(aetna + 1));
-    assert!(check(with(json!({ "date_of_service": date }))).is_ok());
+    assert!(check(with(json!({ "session_date": date }))).is_ok());
     let body = with(
-        json!({ "date_of_service": date, "payer_id": "AETNA", "referring_provider_npi": OTHER_NPI }),
+        json!({ "session_date": date, "payer_id": "AETNA", "referring_provider_npi": OTHER_NPI }),
     );
-    assert_eq!(rule_ids(body), ["date_of_service.timely-filing"]);
+    assert_eq!(rule_ids(body), ["session_date.timely-filing"]);
 }
 
 #[test]
@@ -506,7 +506,7 @@ fn every_problem_is_reported_at_once() {
         "fee": 0,                                             // fee.positive
         "cpt_code": "12345",                                  // cpt.known
         "icd10_codes": ["F41.1", "XX"],                       // icd10.format
-        "date_of_service": date_str(TODAY + Duration::days(3)), // date_of_service.not-future
+        "session_date": date_str(TODAY + Duration::days(3)), // session_date.not-future
         "referring_provider_npi": "1234567890",               // referring_provider_npi.npi
     }));
     let mut found = rule_ids(body);
@@ -515,10 +515,10 @@ fn every_problem_is_reported_at_once() {
         found,
         [
             "cpt.known",
-            "date_of_service.not-future",
             "fee.positive",
             "icd10.format",
-            "referring_provider_npi.npi"
+            "referring_provider_npi.npi",
+            "session_date.not-future"
         ]
     );
 }
@@ -526,8 +526,8 @@ fn every_problem_is_reported_at_once() {
 #[test]
 fn wrong_types_missing_fields_and_unknown_fields_are_each_one_problem() {
     let body = json!({
-        "patient": 42,
-        "date_of_service": null,
+        "patient_id": 42,
+        "session_date": null,
         "cpt_code": "90834",
         "icd10_codes": "F41.1",
         "fee": [150],
@@ -543,9 +543,9 @@ fn wrong_types_missing_fields_and_unknown_fields_are_each_one_problem() {
     assert_eq!(
         fields,
         [
-            "patient",
-            "practitioner",
-            "date_of_service",
+            "patient_id",
+            "therapist_id",
+            "session_date",
             "icd10_codes",
             "fee",
             "units",
@@ -560,7 +560,7 @@ fn wrong_types_missing_fields_and_unknown_fields_are_each_one_problem() {
         .filter(|p| p.kind == ProblemKind::Required)
         .map(|p| p.field.as_str())
         .collect();
-    assert_eq!(required, ["practitioner", "date_of_service"]);
+    assert_eq!(required, ["therapist_id", "session_date"]);
 }
 
 #[test]
@@ -582,9 +582,9 @@ fn no_message_repeats_a_value_from_the_request() {
         "77",
     ];
     let body = json!({
-        "patient": "pat-Zq7Wv",
-        "practitioner": "prac-Qx9Kk",
-        "date_of_service": "2031-07-19",
+        "patient_id": "pat-Zq7Wv",
+        "therapist_id": "prac-Qx9Kk",
+        "session_date": "2031-07-19",
         "cpt_code": "Q9Z8Y",
         "icd10_codes": ["Q99.97X", "W77.7"],
         "fee": "98765.4321",
@@ -714,7 +714,7 @@ fn the_route_can_read_ids_and_payer_before_checking() {
     assert_eq!(request.practitioner_id().unwrap().as_str(), "prac-1");
     assert_eq!(rules().payer_of(&request).unwrap().id(), "AETNA");
     let request: PrepareRequest =
-        serde_json::from_value(json!({ "patient": "not an id!", "payer_id": 7 })).unwrap();
+        serde_json::from_value(json!({ "patient_id": "not an id!", "payer_id": 7 })).unwrap();
     assert!(request.patient_id().is_none() && request.practitioner_id().is_none());
     assert!(rules().payer_of(&request).is_none());
 }

@@ -184,9 +184,9 @@ impl Validator for ServiceDate {
         };
         if date > ctx.today {
             out.push(Problem::new(
-                "date_of_service",
+                "session_date",
                 ProblemKind::Invalid,
-                "date_of_service.not-future",
+                "session_date.not-future",
                 "is after today in the practice's time zone",
             ));
             return;
@@ -195,9 +195,9 @@ impl Validator for ServiceDate {
             let days = i64::from(payer.timely_filing_days());
             if (ctx.today - date).whole_days() > days {
                 out.push(Problem::new(
-                    "date_of_service",
+                    "session_date",
                     ProblemKind::BusinessRule,
-                    "date_of_service.timely-filing",
+                    "session_date.timely-filing",
                     format!(
                         "is more than {days} days ago, past payer {}'s timely-filing window",
                         payer.id()
@@ -218,15 +218,15 @@ impl Validator for ProviderNpis {
         if draft.practitioner.valid().is_some() {
             match ctx.practitioner_npi.as_deref() {
                 None => out.push(Problem::new(
-                    "practitioner",
+                    "therapist_id",
                     ProblemKind::Required,
-                    "practitioner.npi-required",
+                    "therapist_id.npi-required",
                     "the practitioner has no NPI on record; a claim needs the rendering provider's NPI",
                 )),
                 Some(npi) if Npi::parse(npi.trim()).is_err() => out.push(Problem::new(
-                    "practitioner",
+                    "therapist_id",
                     ProblemKind::Invalid,
-                    "practitioner.npi",
+                    "therapist_id.npi",
                     "the practitioner's NPI on record is not 10 digits with a valid check digit",
                 )),
                 Some(_) => {}

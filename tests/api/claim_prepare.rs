@@ -67,9 +67,9 @@ fn yesterday() -> String {
 
 fn session(p: &Practice, cpt: &str, payer: &str) -> Value {
     json!({
-        "patient": p.patient,
-        "practitioner": p.practitioner,
-        "date_of_service": yesterday(),
+        "patient_id": p.patient,
+        "therapist_id": p.practitioner,
+        "session_date": yesterday(),
         "cpt_code": cpt,
         "icd10_codes": ["F41.1", "Z63.0"],
         "fee": 150.00,
@@ -125,7 +125,9 @@ async fn app_and_gateway(role: Role) -> (TestApp, Gateway) {
 async fn a_valid_session_becomes_a_stored_prepared_fhir_claim() {
     let (_app, gw) = app_and_gateway(Role::Billing).await;
     let p = practice(&gw).await;
-    let (status, body) = prepare(&gw, &session(&p, "90834", "BCBS")).await;
+    let mut own = session(&p, "90834", "BCBS");
+    own["practice_id"] = json!(gw.practice.as_str());
+    let (status, body) = prepare(&gw, &own).await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["status"], "prepared");
     assert_eq!(body["next"], json!(["submitted"]));
@@ -187,21 +189,23 @@ async fn every_problem_is_reported_at_once_with_its_field_and_nothing_is_stored(
     let p = practice(&gw).await;
     let tomorrow = (time::OffsetDateTime::now_utc().date() + time::Duration::days(1)).to_string();
     let body = json!({
-        "patient": p.patient,
-        "practitioner": p.practitioner,
-        "date_of_service": tomorrow,
+        "patient_id": p.patient,
+        "therapist_id": p.practitioner,
+        "session_date": tomorrow,
         "cpt_code": "99999",
         "icd10_codes": ["F41"],
         "fee": "80.00",
         "copay": "95.00",
         "payer_id": "BCBS",
-        "favourite_colour": "teal"
+        "favourite_colour": "teal",
+        "practice_id": "another-practice"
     });
     let (status, outcome) = prepare(&gw, &body).await;
     assert_eq!(status, 422, "{outcome}");
     let fields = fields(&outcome);
     for field in [
-        "date_of_service",
+        "practice_id",
+        "session_date",
         "cpt_code",
         "icd10_codes[0]",
         "copay",
@@ -288,8 +292,8 @@ async fn references_resolve_only_in_the_callers_practice_and_roles_are_enforced(
     let (status, outcome) = prepare(&ours, &session(&p, "90834", "BCBS")).await;
     assert_eq!(status, 422, "{outcome}");
     let named = fields(&outcome);
-    assert!(named.iter().any(|f| f == "patient"), "{outcome}");
-    assert!(named.iter().any(|f| f == "practitioner"), "{outcome}");
+    assert!(named.iter().any(|f| f == "patient_id"), "{outcome}");
+    assert!(named.iter().any(|f| f == "therapist_id"), "{outcome}");
     assert_eq!(claims_stored(&ours).await, 0);
     assert_eq!(claims_stored(&theirs).await, 0);
 
@@ -298,10 +302,10 @@ async fn references_resolve_only_in_the_callers_practice_and_roles_are_enforced(
         .create(json!({ "resourceType": "Practitioner", "name": [{ "family": "Nobody" }] }))
         .await;
     let mut body = session(&p, "90834", "BCBS");
-    body["practitioner"] = json!(bare);
+    body["therapist_id"] = json!(bare);
     let (status, outcome) = prepare(&theirs, &body).await;
     assert_eq!(status, 422);
-    assert_eq!(fields(&outcome), ["practitioner"]);
+    assert_eq!(fields(&outcome), ["therapist_id"]);
 
     // A clinician's token may not prepare claims.
     let clinician = Gateway::of(&app, Role::Clinician).await;

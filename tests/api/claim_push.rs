@@ -1071,11 +1071,11 @@ async fn a_prepared_claim_is_submitted_answered_and_its_status_reaches_the_ehr()
         .post(
             "/api/v1/claims/prepare",
             &json!({
-                "patient": p.id,
-                "practitioner": practitioner,
-                "date_of_service": yesterday,
+                "patient_id": p.id,
+                "therapist_id": practitioner,
+                "session_date": yesterday,
                 "cpt_code": "90834",
-                "icd10_codes": ["F43.10"],
+                "icd10_code": "F43.10",
                 "fee": "150.00",
                 "payer_id": "BCBS",
                 "member_id": "XQB812345678"
