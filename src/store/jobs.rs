@@ -248,6 +248,9 @@ macro_rules! shared_job_sql {
                 &self,
                 new: &$crate::store::NewJobRun,
             ) -> Result<Option<$crate::store::JobRun>, $crate::store::StoreError> {
+                // One writer at a time on SQLite: a lease renewal committing between a page
+                // write's read and its write would fail that write (SQLITE_BUSY_SNAPSHOT).
+                let _turn = self.write_turn().await;
                 let inserted = sqlx::query(
                     "INSERT INTO job_runs (id, practice_id, connection_id, kind, status,
                          started_by, scheduled_for_us, started_at, runner, lease_until_us, since,
@@ -296,6 +299,9 @@ macro_rules! shared_job_sql {
                 lease_until_us: i64,
                 now_us: i64,
             ) -> Result<Option<$crate::store::JobRun>, $crate::store::StoreError> {
+                // One writer at a time on SQLite: a lease renewal committing between a page
+                // write's read and its write would fail that write (SQLITE_BUSY_SNAPSHOT).
+                let _turn = self.write_turn().await;
                 let done = sqlx::query(
                     "UPDATE job_runs SET runner = $1, lease_until_us = $2, attempts = attempts + 1
                      WHERE id = $3 AND status = 'running'
@@ -321,6 +327,9 @@ macro_rules! shared_job_sql {
                 checkpoint: Option<&str>,
                 lease_until_us: i64,
             ) -> Result<bool, $crate::store::StoreError> {
+                // One writer at a time on SQLite: a lease renewal committing between a page
+                // write's read and its write would fail that write (SQLITE_BUSY_SNAPSHOT).
+                let _turn = self.write_turn().await;
                 let done = sqlx::query(
                     "UPDATE job_runs SET pages = $1, received_count = $2, created_count = $3,
                          updated_count = $4, unchanged_count = $5, failed_count = $6,
@@ -350,6 +359,9 @@ macro_rules! shared_job_sql {
                 runner: &str,
                 lease_until_us: i64,
             ) -> Result<bool, $crate::store::StoreError> {
+                // One writer at a time on SQLite: a lease renewal committing between a page
+                // write's read and its write would fail that write (SQLITE_BUSY_SNAPSHOT).
+                let _turn = self.write_turn().await;
                 let done = sqlx::query(
                     "UPDATE job_runs SET lease_until_us = $1
                      WHERE id = $2 AND runner = $3 AND status = 'running'",
@@ -371,6 +383,9 @@ macro_rules! shared_job_sql {
                 error: Option<&str>,
                 watermark: Option<&str>,
             ) -> Result<bool, $crate::store::StoreError> {
+                // One writer at a time on SQLite: a lease renewal committing between a page
+                // write's read and its write would fail that write (SQLITE_BUSY_SNAPSHOT).
+                let _turn = self.write_turn().await;
                 let mut tx = self.pool.begin().await?;
                 let done = sqlx::query(
                     "UPDATE job_runs SET status = $1, finished_at = $2, pages = $3,
@@ -470,6 +485,9 @@ macro_rules! shared_job_sql {
                 &self,
                 rows: &[$crate::store::QuarantineRow],
             ) -> Result<(), $crate::store::StoreError> {
+                // One writer at a time on SQLite: a lease renewal committing between a page
+                // write's read and its write would fail that write (SQLITE_BUSY_SNAPSHOT).
+                let _turn = self.write_turn().await;
                 if rows.is_empty() {
                     return Ok(());
                 }
@@ -512,6 +530,9 @@ macro_rules! shared_job_sql {
                 resource_type: &str,
                 local_ids: &[String],
             ) -> Result<(), $crate::store::StoreError> {
+                // One writer at a time on SQLite: a lease renewal committing between a page
+                // write's read and its write would fail that write (SQLITE_BUSY_SNAPSHOT).
+                let _turn = self.write_turn().await;
                 for chunk in local_ids.chunks($crate::store::jobs::JOB_INSERT_CHUNK) {
                     let mut q = sqlx::QueryBuilder::<$db>::new(
                         "DELETE FROM sync_quarantine WHERE connection_id = ",
@@ -612,6 +633,9 @@ macro_rules! shared_job_sql {
                 resource_type: &str,
                 digests: &[(String, [u8; 32])],
             ) -> Result<(), $crate::store::StoreError> {
+                // One writer at a time on SQLite: a lease renewal committing between a page
+                // write's read and its write would fail that write (SQLITE_BUSY_SNAPSHOT).
+                let _turn = self.write_turn().await;
                 if digests.is_empty() {
                     return Ok(());
                 }
