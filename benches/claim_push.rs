@@ -28,15 +28,14 @@ use std::time::{Duration, Instant};
 
 use fhirgate::config::Settings;
 use fhirgate::crypto::Keyring;
-use fhirgate::domain::{NewPractice, PracticeName, ResourceId, TimeZoneName};
-use fhirgate::gate::{ClientKeys, NewApiClient, Role, ScopeSet};
+use fhirgate::gate::Role;
 use fhirgate::startup::Application;
 use fhirgate::sync::Connections;
 use fhirgate_ehr_sim::{Personality, SimConfig, Simulator};
 use reqwest::Client;
-use serde_json::{json, Value};
+use serde_json::json;
+use support::client::{bench_client, Api};
 use support::BenchDatabase;
-use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 const MASTER_KEY: &str = "bench1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
@@ -77,135 +76,6 @@ fn main() -> ExitCode {
     runtime.block_on(run(seconds, rate))
 }
 
-/// One client of the bench practice, at the gateway.
-struct Api {
-    http: Client,
-    base: String,
-    token: String,
-}
-
-impl Api {
-    async fn post(&self, path: &str, body: &Value) -> Result<Value, String> {
-        let res = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .header("content-type", "application/fhir+json")
-            .body(body.to_string())
-            .send()
-            .await
-            .map_err(|e| format!("{path}: {e}"))?;
-        let status = res.status();
-        let body: Value = res.json().await.map_err(|e| format!("{path}: {e}"))?;
-        if status.is_success() {
-            Ok(body)
-        } else {
-            Err(format!("{path}: {status}"))
-        }
-    }
-
-    async fn create(&self, resource: Value) -> Result<String, String> {
-        let ty = resource["resourceType"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        let body = self.post(&format!("/fhir/r4/{ty}"), &resource).await?;
-        Ok(body["id"].as_str().unwrap_or_default().to_owned())
-    }
-
-    /// Sets a claim's status; the update id queued for the EHR and the change's `updated_at`.
-    async fn change(&self, claim: &str, status: &str) -> Result<(String, OffsetDateTime), String> {
-        let body = self
-            .post(
-                &format!("/api/v1/claims/{claim}/status"),
-                &json!({ "status": status }),
-            )
-            .await?;
-        let id = body["push"]["update_id"]
-            .as_str()
-            .ok_or("no update queued")?
-            .to_owned();
-        let at = body["updated_at"]
-            .as_str()
-            .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok())
-            .ok_or("no updated_at")?;
-        Ok((id, at))
-    }
-}
-
-/// A client of a new practice with an ES384 key, and its access token.
-async fn bench_client(
-    store: &dyn fhirgate::store::Store,
-    http: &Client,
-    base: &str,
-) -> (ResourceId, String) {
-    use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair, ECDSA_P384_SHA384_FIXED_SIGNING};
-    use base64::Engine;
-    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
-    let pair = EcdsaKeyPair::generate(&ECDSA_P384_SHA384_FIXED_SIGNING).expect("generate a key");
-    let point = pair.public_key().as_ref();
-    let jwks = json!({ "keys": [{
-        "kty": "EC", "crv": "P-384", "kid": "bench-key", "alg": "ES384",
-        "x": b64(&point[1..49]), "y": b64(&point[49..97]),
-    }] });
-    let practice = store
-        .create_practice(&NewPractice {
-            name: PracticeName::parse("Bench Practice").expect("valid name"),
-            timezone: TimeZoneName::default(),
-            npi: None,
-            tax_id: None,
-        })
-        .await
-        .expect("create the bench practice");
-    let client = store
-        .create_client(&NewApiClient {
-            practice_id: practice.id.clone(),
-            name: "bench billing".into(),
-            role: Role::Billing,
-            scopes: ScopeSet::parse(SCOPES).expect("valid scope"),
-            keys: ClientKeys::inline(&jwks.to_string()).expect("valid JWKS"),
-        })
-        .await
-        .expect("register the bench client");
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs();
-    let token_url = format!("{base}/auth/token");
-    let claims = json!({
-        "iss": client.client_id, "sub": client.client_id, "aud": token_url,
-        "exp": now + 240, "jti": uuid::Uuid::new_v4().to_string(),
-    });
-    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES384);
-    header.kid = Some("bench-key".into());
-    let key = jsonwebtoken::EncodingKey::from_ec_der(pair.to_pkcs8v1().expect("export").as_ref());
-    let assertion = jsonwebtoken::encode(&header, &claims, &key).expect("sign the assertion");
-    let token: Value = http
-        .post(&token_url)
-        .form(&[
-            ("grant_type", "client_credentials"),
-            ("scope", SCOPES),
-            (
-                "client_assertion_type",
-                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-            ),
-            ("client_assertion", assertion.as_str()),
-        ])
-        .send()
-        .await
-        .expect("token request")
-        .json()
-        .await
-        .expect("token response");
-    (
-        practice.id,
-        token["access_token"]
-            .as_str()
-            .expect("an access token")
-            .to_owned(),
-    )
-}
-
 fn percentile(sorted: &[f64], percent: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -235,7 +105,7 @@ async fn run(seconds: u64, rate: u64) -> ExitCode {
     let store = app.store();
     let server = tokio::spawn(app.run_until_stopped());
     let http = Client::new();
-    let (practice, token) = bench_client(&*store, &http, &base).await;
+    let (practice, token) = bench_client(&*store, &http, &base, Role::Billing, SCOPES).await;
     let api = Arc::new(Api { http, base, token });
 
     // The EHR and the practice's connection to it; one patient pulled from it.

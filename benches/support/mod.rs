@@ -4,6 +4,8 @@
 
 use std::path::Path;
 
+pub mod client;
+
 /// The database the gateway runs on for this bench: a SQLite file in the temp working
 /// directory, or a fresh PostgreSQL database on the server `FHIRGATE_BENCH_DATABASE_URL` names.
 pub struct BenchDatabase {
