@@ -212,7 +212,15 @@ async fn start_gateway(url: &str, workdir: &std::path::Path) -> Result<Gateway, 
         .and_then(|l| l.local_addr())
         .map_err(|e| format!("no free port: {e}"))?
         .port();
-    let child = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fhirgate"));
+    // The gateway refuses settings it does not know: none of this process's FHIRGATE_ variables
+    // (FHIRGATE_BENCH_DATABASE_URL) reach it, only the ones below.
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("FHIRGATE_") {
+            command.env_remove(name);
+        }
+    }
+    let child = command
         .arg("serve")
         .current_dir(workdir)
         .env("FHIRGATE_DATABASE_URL", url)
