@@ -14,7 +14,13 @@ use serde::Deserialize;
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
 /// Environment variables with the `FHIRGATE_` prefix that are not settings keys.
-const NON_SETTINGS_ENV: &[&str] = &["config", "test_postgres_url", "test_log", "validate_fhir"];
+const NON_SETTINGS_ENV: &[&str] = &[
+    "config",
+    "test_postgres_url",
+    "test_log",
+    "test_kill_seed",
+    "validate_fhir",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -590,10 +590,12 @@ macro_rules! shared_export_sql {
                         Some((us, id)) => (Some(*us), Some(id.as_str())),
                         None => (None, None),
                     };
+                    // A step sealed is progress: `attempts` counts the claims since the last one
+                    // (see `MAX_ATTEMPTS` in `fhir::export::runner`).
                     sqlx::query(
                         "UPDATE export_jobs SET type_index = $1, after_us = $2, after_id = $3,
                              file_no = $4, file_resources = $5, chunk_no = $6, type_exported = $7,
-                             exported = $8
+                             exported = $8, attempts = 0
                          WHERE practice_id = $9 AND id = $10",
                     )
                     .bind(small(i64::try_from(cursor.type_index).unwrap_or(i64::MAX)))

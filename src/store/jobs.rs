@@ -33,6 +33,15 @@ pub struct NewJobRun {
     pub since: Option<String>,
 }
 
+/// The digests of pulled resources of one connection and type (`sync_digests`), written with
+/// the resources themselves ([`Store::write_pulled_resources`](crate::store::Store)).
+#[derive(Debug, Clone, Copy)]
+pub struct SyncDigests<'a> {
+    pub connection: &'a str,
+    pub resource_type: &'a str,
+    pub digests: &'a [(String, [u8; 32])],
+}
+
 /// Counts a run has reached (committed pages only).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct RunCounts {
@@ -240,6 +249,38 @@ macro_rules! shared_job_sql {
                 runner: row.try_get("runner")?,
                 lease_until_us: row.try_get("lease_until_us")?,
             })
+        }
+
+        impl $store {
+            /// Upserts pulled resources' digests inside `tx` (the caller commits).
+            pub(crate) async fn save_digests_in(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                practice: &$crate::domain::ResourceId,
+                d: &$crate::store::SyncDigests<'_>,
+            ) -> Result<(), $crate::store::StoreError> {
+                let (connection, resource_type, digests) = (d.connection, d.resource_type, d.digests);
+                let now_us = $crate::store::jobs::micros($crate::store::now());
+                for chunk in digests.chunks($crate::store::jobs::JOB_INSERT_CHUNK) {
+                    let mut q = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO sync_digests (connection_id, resource_type, local_id,
+                             practice_id, digest, updated_us) ",
+                    );
+                    q.push_values(chunk, |mut b, (id, digest)| {
+                        b.push_bind(connection)
+                            .push_bind(resource_type)
+                            .push_bind(id)
+                            .push_bind(practice.as_str())
+                            .push_bind(digest.to_vec())
+                            .push_bind(now_us);
+                    });
+                    q.push(
+                        " ON CONFLICT (connection_id, resource_type, local_id) DO UPDATE SET
+                             digest = excluded.digest, updated_us = excluded.updated_us",
+                    );
+                    q.build().execute(&mut **tx).await?;
+                }
+                Ok(())
+            }
         }
 
         #[async_trait::async_trait]
@@ -639,27 +680,13 @@ macro_rules! shared_job_sql {
                 if digests.is_empty() {
                     return Ok(());
                 }
-                let now_us = $crate::store::jobs::micros($crate::store::now());
                 let mut tx = self.pool.begin().await?;
-                for chunk in digests.chunks($crate::store::jobs::JOB_INSERT_CHUNK) {
-                    let mut q = sqlx::QueryBuilder::<$db>::new(
-                        "INSERT INTO sync_digests (connection_id, resource_type, local_id,
-                             practice_id, digest, updated_us) ",
-                    );
-                    q.push_values(chunk, |mut b, (id, digest)| {
-                        b.push_bind(connection)
-                            .push_bind(resource_type)
-                            .push_bind(id)
-                            .push_bind(practice.as_str())
-                            .push_bind(digest.to_vec())
-                            .push_bind(now_us);
-                    });
-                    q.push(
-                        " ON CONFLICT (connection_id, resource_type, local_id) DO UPDATE SET
-                             digest = excluded.digest, updated_us = excluded.updated_us",
-                    );
-                    q.build().execute(&mut *tx).await?;
-                }
+                let digests = $crate::store::SyncDigests {
+                    connection,
+                    resource_type,
+                    digests,
+                };
+                Self::save_digests_in(&mut tx, practice, &digests).await?;
                 tx.commit().await?;
                 Ok(())
             }

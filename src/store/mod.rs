@@ -33,7 +33,9 @@ pub use inbox::{
     SequenceMark,
 };
 pub(crate) use jobs::JOB_COLUMNS;
-pub use jobs::{JobRun, JobStore, NewJobRun, QuarantineRow, QuarantinedRecord, RunCounts};
+pub use jobs::{
+    JobRun, JobStore, NewJobRun, QuarantineRow, QuarantinedRecord, RunCounts, SyncDigests,
+};
 pub use migrations::MigrationStatus;
 pub use outbox::{
     ClaimEffects, ClaimState, ClaimStatusChange, DeadLetter, NewOutboxRow, OutboxRow, OutboxStore,
@@ -276,6 +278,17 @@ pub trait Store: Send + Sync + 'static {
         writes: &[ResourceWrite],
         audit: &[NewAuditEvent],
         claims: ClaimEffects<'_>,
+    ) -> Result<(), StoreError>;
+    /// [`Store::write_resources`] for a pull: the digests of what it wrote (`sync_digests`, by
+    /// which the next pull knows a resource unchanged) commit in the same transaction. Apart, a
+    /// process killed between the two commits left a resource without its digest, and the next
+    /// pull (or webhook event) of it wrote it again, unchanged, as a new version.
+    async fn write_pulled_resources(
+        &self,
+        practice: &ResourceId,
+        writes: &[ResourceWrite],
+        audit: &[NewAuditEvent],
+        digests: SyncDigests<'_>,
     ) -> Result<(), StoreError>;
     /// The head version of each of `ids` that exists in the practice (deleted or not): what an
     /// update of many resources at once expects.

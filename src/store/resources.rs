@@ -367,6 +367,7 @@ macro_rules! shared_resource_sql {
                 writes: &[$crate::store::ResourceWrite],
                 audit: &[$crate::audit::NewAuditEvent],
                 claims: $crate::store::ClaimEffects<'_>,
+                digests: Option<&$crate::store::SyncDigests<'_>>,
             ) -> Result<(), $crate::store::StoreError> {
                 use $crate::store::{Expect, StoreError, INDEX_INSERT_CHUNK, ROW_INSERT_CHUNK};
                 let _turn = self.write_turn().await;
@@ -502,6 +503,10 @@ macro_rules! shared_resource_sql {
                 }
                 Self::insert_outbox_in(&mut tx, claims.outbox, $crate::store::jobs::micros(now))
                     .await?;
+                // A pull's digests: see `Store::write_pulled_resources`.
+                if let Some(digests) = digests {
+                    Self::save_digests_in(&mut tx, practice, digests).await?;
+                }
                 Self::append_audit_in(&mut tx, audit, now).await?;
                 tx.commit().await?;
                 Ok(())

@@ -538,7 +538,19 @@ impl Store for SqliteStore {
         audit: &[NewAuditEvent],
         claims: super::ClaimEffects<'_>,
     ) -> Result<(), StoreError> {
-        self.shared_write_resources(practice, writes, audit, claims)
+        self.shared_write_resources(practice, writes, audit, claims, None)
+            .await
+    }
+
+    async fn write_pulled_resources(
+        &self,
+        practice: &ResourceId,
+        writes: &[ResourceWrite],
+        audit: &[NewAuditEvent],
+        digests: super::SyncDigests<'_>,
+    ) -> Result<(), StoreError> {
+        let claims = super::ClaimEffects::default();
+        self.shared_write_resources(practice, writes, audit, claims, Some(&digests))
             .await
     }
 

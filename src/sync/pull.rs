@@ -25,7 +25,7 @@ use crate::audit::{Action, NewAuditEvent};
 use crate::crypto::{field_aad, PhiVault};
 use crate::domain::ResourceId;
 use crate::fhir::resources::{bulk, kind_of};
-use crate::store::{Expect, QuarantineRow, ResourceWrite, Store, StoreError};
+use crate::store::{Expect, QuarantineRow, ResourceWrite, Store, StoreError, SyncDigests};
 
 /// Where a pull writes.
 pub struct PullTarget<'a> {
@@ -436,20 +436,22 @@ async fn write(
         }
     }
     if !writes.is_empty() {
+        // With their digests, in one transaction: a resource never stands without its digest
+        // (killed between two commits, the next pull would write it again as a new version).
+        let digests = SyncDigests {
+            connection: target.connection_id,
+            resource_type,
+            digests: &digests,
+        };
         target
             .store
-            .write_resources(target.practice, &writes, &audit)
+            .write_pulled_resources(target.practice, &writes, &audit, digests)
             .await?;
     }
-    let jobs = target.store.jobs();
-    jobs.save_digests(
-        target.practice,
-        target.connection_id,
-        resource_type,
-        &digests,
-    )
-    .await?;
-    jobs.release_quarantine(target.connection_id, resource_type, &admitted_ids)
+    target
+        .store
+        .jobs()
+        .release_quarantine(target.connection_id, resource_type, &admitted_ids)
         .await?;
     Ok(out)
 }

@@ -17,6 +17,7 @@ mod hostile;
 mod internal_api;
 mod isolation;
 mod keys;
+mod kill;
 mod operations;
 mod patient;
 mod rate_limits;

@@ -60,6 +60,11 @@ pub struct ExportSettings {
     pub page_size: u64,
     /// Exports one instance runs at once; more wait their turn (status: "queued").
     pub max_running_jobs: u64,
+    /// How long a runner holds its job without committing (seconds): a job whose instance died
+    /// is resumed elsewhere once this has passed.
+    pub lease_secs: u64,
+    /// How often each instance looks for expired jobs and for jobs nobody holds (seconds).
+    pub sweep_secs: u64,
 }
 
 impl ExportSettings {
@@ -82,7 +87,17 @@ impl ExportSettings {
         if !(1..=64).contains(&self.max_running_jobs) {
             return Err(("export.max_running_jobs", "must be between 1 and 64"));
         }
+        if !(1..=3600).contains(&self.lease_secs) {
+            return Err(("export.lease_secs", "must be between 1 and 3600"));
+        }
+        if !(1..=3600).contains(&self.sweep_secs) {
+            return Err(("export.sweep_secs", "must be between 1 and 3600"));
+        }
         Ok(())
+    }
+
+    fn lease(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.lease_secs)
     }
 
     fn retention_us(&self) -> i64 {

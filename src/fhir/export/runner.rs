@@ -10,10 +10,11 @@
 //! resumes from its last chunk with nothing skipped or repeated. Memory stays at about a page
 //! and a chunk, whatever the number of resources.
 //!
-//! The sweeper (every 10 s, and at start-up) deletes expired jobs and gives a runner to every
-//! unfinished job nobody holds: a job whose instance died is resumed by whichever instance
-//! sweeps first once its lease ran out (30 s); one stopped gracefully is released at once. A job
-//! that cannot finish after five claims fails. Never logs content: ids, counts, fixed phrases.
+//! The sweeper (every `sweep_secs`, and at start-up) deletes expired jobs and gives a runner to
+//! every unfinished job nobody holds: a job whose instance died is resumed by whichever instance
+//! sweeps first once its lease ran out (`lease_secs`); one stopped gracefully is released at
+//! once. A job claimed five times in a row without sealing anything fails. Never logs content:
+//! ids, counts, fixed phrases.
 
 use std::time::Duration;
 
@@ -30,14 +31,14 @@ use crate::store::{
     SealedChunk, StoreError,
 };
 
-/// How long a claim holds a job without news from its runner.
-const LEASE: Duration = Duration::from_secs(30);
-/// How often an instance looks for expired and orphaned jobs.
-const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// How long after the transaction time a runner starts reading: a write stamped just before it
 /// may still be committing, and keyset paging would not come back for it.
 const SETTLE: Duration = Duration::from_secs(1);
-/// Claims after which a job that still has not finished is failed.
+/// Claims in a row that sealed nothing after which a job is failed: its runners keep dying
+/// (or losing it) before they get anywhere. A claim that seals a chunk starts the count again
+/// (`export_jobs.attempts` is reset with the cursor), so a long export interrupted by many
+/// restarts, each resuming it further, still completes; counting every claim failed it after its
+/// fifth restart (found by `tests/api/kill.rs`).
 const MAX_ATTEMPTS: i64 = 5;
 
 fn us(d: Duration) -> i64 {
@@ -155,8 +156,9 @@ async fn run(
 ) -> Result<bool, Halt> {
     let store = state.store.exports();
     let now = now_us();
+    let lease = us(exports.settings().lease());
     let Some(job) = store
-        .claim_export_job(practice, job_id, runner, now, now + us(LEASE))
+        .claim_export_job(practice, job_id, runner, now, now + lease)
         .await?
     else {
         return Ok(false);
@@ -261,7 +263,7 @@ impl<'a> Writer<'a> {
     }
 
     fn lease(&self) -> i64 {
-        now_us() + us(LEASE)
+        now_us() + us(self.exports.settings().lease())
     }
 
     /// Commits a step; `Halt::Lost` when the job is no longer ours. `progress` counts the
@@ -414,12 +416,12 @@ impl<'a> Writer<'a> {
     }
 }
 
-/// Starts this instance's sweeper: at once, then every [`SWEEP_EVERY`] until shutdown.
+/// Starts this instance's sweeper: at once, then every `sweep_secs` until shutdown.
 pub(crate) fn start(state: web::Data<AppState>) {
     let exports = state.exports.clone();
     let mut stop = exports.inner.stop.subscribe();
     exports.inner.runtime.clone().spawn(async move {
-        let mut tick = tokio::time::interval(SWEEP_EVERY);
+        let mut tick = tokio::time::interval(Duration::from_secs(exports.settings().sweep_secs));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
