@@ -198,7 +198,7 @@ async fn outbound_calls(
         .unwrap()
         .iter()
         .filter(|r| r.action == action && r.connection_id.as_deref() == Some(connection))
-        .map(|r| i64::from(r.status_code))
+        .map(|r| r.status_code)
         .collect()
 }
 
