@@ -23,7 +23,9 @@ pub enum AdapterError {
     Transient(String),
     /// A failure that will not pass by retrying: 4xx other than the above, a malformed
     /// response, an unsupported operation.
-    #[error("the EHR refused the request: {0}")]
+    // (Worded for both halves: "refused the request" read wrong for a malformed answer, which
+    // is what a pull's run records as its error.)
+    #[error("permanent failure talking to the EHR: {0}")]
     Permanent(String),
     /// The EHR's resource does not map to the internal model.
     #[error("mapping: {0}")]
@@ -38,6 +40,13 @@ impl AdapterError {
             self,
             AdapterError::RateLimited { .. } | AdapterError::Transient(_)
         )
+    }
+
+    /// Whether the EHR refused the request with an HTTP status (a [`AdapterError::Permanent`]
+    /// made by [`AdapterError::from_status`]), as opposed to answering with something unusable
+    /// (malformed JSON, not a Bundle, another resource type than asked for).
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, AdapterError::Permanent(m) if m.starts_with("HTTP "))
     }
 
     /// How long to wait before retrying, when the EHR said.
@@ -84,6 +93,9 @@ mod tests {
         assert_eq!(s(404, None), AdapterError::NotFound);
         assert!(!s(400, None).is_retryable());
         assert!(!s(422, None).is_retryable());
+        assert!(s(422, None).is_refusal());
+        assert!(!AdapterError::Permanent("the EHR sent malformed JSON".into()).is_refusal());
+        assert!(!s(503, None).is_refusal());
         let mapping: AdapterError = MappingError::Missing {
             element: "Encounter.subject",
         }

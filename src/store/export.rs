@@ -392,7 +392,7 @@ macro_rules! shared_export_sql {
                 &self,
                 job: &$crate::store::NewExportJob,
             ) -> Result<(), $crate::store::StoreError> {
-                let _turn = self.write_turn().await;
+                let _turn = self.write_turn().await?;
                 let mut tx = self.begin_for(&job.practice).await?;
                 sqlx::query(
                     "INSERT INTO export_jobs (id, practice_id, client_id, level, group_id, types,
@@ -495,7 +495,7 @@ macro_rules! shared_export_sql {
                 practice: &$crate::domain::ResourceId,
                 id: &str,
             ) -> Result<bool, $crate::store::StoreError> {
-                let _turn = self.write_turn().await;
+                let _turn = self.write_turn().await?;
                 let mut tx = self.begin_for(practice).await?;
                 // The chunks go with the job (ON DELETE CASCADE).
                 let done = sqlx::query("DELETE FROM export_jobs WHERE practice_id = $1 AND id = $2")
@@ -515,7 +515,7 @@ macro_rules! shared_export_sql {
                 now_us: i64,
                 lease_until_us: i64,
             ) -> Result<Option<$crate::store::ExportJob>, $crate::store::StoreError> {
-                let _turn = self.write_turn().await;
+                let _turn = self.write_turn().await?;
                 let mut tx = self.begin_for(practice).await?;
                 let row = sqlx::query(&format!(
                     "UPDATE export_jobs SET runner = $1, lease_until_us = $2, status = 'running',
@@ -546,7 +546,7 @@ macro_rules! shared_export_sql {
                 runner: &str,
                 step: &$crate::store::ExportStep,
             ) -> Result<bool, $crate::store::StoreError> {
-                let _turn = self.write_turn().await;
+                let _turn = self.write_turn().await?;
                 let mut tx = self.begin_for(practice).await?;
                 // First the condition (and, on PostgreSQL, the row lock a concurrent DELETE
                 // waits for), then the chunk.
@@ -630,7 +630,7 @@ macro_rules! shared_export_sql {
                         ("failed", Some(error.as_str()), *expires_us)
                     }
                 };
-                let _turn = self.write_turn().await;
+                let _turn = self.write_turn().await?;
                 let mut tx = self.begin_for(practice).await?;
                 let done = sqlx::query(
                     "UPDATE export_jobs SET status = $1, error = $2, expires_us = $3,
@@ -679,7 +679,7 @@ macro_rules! shared_export_sql {
             }
 
             async fn expire_export_jobs(&self, now_us: i64) -> Result<u64, $crate::store::StoreError> {
-                let _turn = self.write_turn().await;
+                let _turn = self.write_turn().await?;
                 let done = sqlx::query("DELETE FROM export_jobs WHERE expires_us < $1")
                     .bind(now_us)
                     .execute(&self.pool)

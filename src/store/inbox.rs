@@ -321,7 +321,7 @@ macro_rules! shared_inbox_sql {
                 &self,
                 accepts: &[$crate::store::inbox::InboxAccept],
             ) -> Result<Vec<$crate::store::inbox::Accepted>, $crate::store::StoreError> {
-                let _turn = self.write_turn().await;
+                let _turn = self.write_turn().await?;
                 let mut tx = self.pool.begin().await?;
                 // Subscriptions are locked in one order by every batch, so two instances'
                 // batches cannot deadlock on them.
@@ -382,7 +382,7 @@ macro_rules! shared_inbox_sql {
                 limit: i64,
             ) -> Result<Vec<$crate::store::inbox::ClaimedEvent>, $crate::store::StoreError> {
                 use sqlx::Row;
-                let _turn = self.write_turn().await;
+                let _turn = self.write_turn().await?;
                 let rows = sqlx::query(concat!(
                     "UPDATE webhook_inbox SET runner = $1, lease_until_us = $2,
                          attempts = attempts + 1
@@ -427,7 +427,7 @@ macro_rules! shared_inbox_sql {
                 runner: &str,
                 lease_until_us: i64,
             ) -> Result<bool, $crate::store::StoreError> {
-                let _turn = self.write_turn().await;
+                let _turn = self.write_turn().await?;
                 let done = sqlx::query(
                     "UPDATE webhook_inbox SET lease_until_us = $1
                      WHERE id = $2 AND runner = $3 AND status = 'pending'",
@@ -446,7 +446,7 @@ macro_rules! shared_inbox_sql {
                 runner: &str,
                 now_us: i64,
             ) -> Result<bool, $crate::store::StoreError> {
-                let _turn = self.write_turn().await;
+                let _turn = self.write_turn().await?;
                 let done = sqlx::query(
                     "UPDATE webhook_inbox SET status = 'done', payload = NULL, runner = NULL,
                          lease_until_us = NULL, last_error = NULL, finished_us = $1
@@ -467,7 +467,7 @@ macro_rules! shared_inbox_sql {
                 next_attempt_us: i64,
                 error: &str,
             ) -> Result<bool, $crate::store::StoreError> {
-                let _turn = self.write_turn().await;
+                let _turn = self.write_turn().await?;
                 let done = sqlx::query(
                     "UPDATE webhook_inbox SET runner = NULL, lease_until_us = NULL,
                          next_attempt_us = $1, last_error = $2
@@ -489,7 +489,7 @@ macro_rules! shared_inbox_sql {
                 reason: &str,
                 now_us: i64,
             ) -> Result<bool, $crate::store::StoreError> {
-                let _turn = self.write_turn().await;
+                let _turn = self.write_turn().await?;
                 let done = sqlx::query(
                     "UPDATE webhook_inbox SET status = 'dead', runner = NULL,
                          lease_until_us = NULL, last_error = $1, finished_us = $2
@@ -505,7 +505,7 @@ macro_rules! shared_inbox_sql {
             }
 
             async fn release_events(&self, runner: &str) -> Result<u64, $crate::store::StoreError> {
-                let _turn = self.write_turn().await;
+                let _turn = self.write_turn().await?;
                 let done = sqlx::query(
                     "UPDATE webhook_inbox SET runner = NULL, lease_until_us = NULL,
                          attempts = attempts - 1
@@ -522,7 +522,7 @@ macro_rules! shared_inbox_sql {
                 connection: &str,
                 now_us: i64,
             ) -> Result<u64, $crate::store::StoreError> {
-                let _turn = self.write_turn().await;
+                let _turn = self.write_turn().await?;
                 let done = sqlx::query(
                     "UPDATE webhook_inbox SET status = 'pending', attempts = 0,
                          next_attempt_us = $1, last_error = NULL, finished_us = NULL

@@ -291,7 +291,7 @@ macro_rules! shared_job_sql {
             ) -> Result<Option<$crate::store::JobRun>, $crate::store::StoreError> {
                 // One writer at a time on SQLite: a lease renewal committing between a page
                 // write's read and its write would fail that write (SQLITE_BUSY_SNAPSHOT).
-                let _turn = self.write_turn().await;
+                let _turn = self.write_turn().await?;
                 let inserted = sqlx::query(
                     "INSERT INTO job_runs (id, practice_id, connection_id, kind, status,
                          started_by, scheduled_for_us, started_at, runner, lease_until_us, since,
@@ -342,7 +342,7 @@ macro_rules! shared_job_sql {
             ) -> Result<Option<$crate::store::JobRun>, $crate::store::StoreError> {
                 // One writer at a time on SQLite: a lease renewal committing between a page
                 // write's read and its write would fail that write (SQLITE_BUSY_SNAPSHOT).
-                let _turn = self.write_turn().await;
+                let _turn = self.write_turn().await?;
                 let done = sqlx::query(
                     "UPDATE job_runs SET runner = $1, lease_until_us = $2, attempts = attempts + 1
                      WHERE id = $3 AND status = 'running'
@@ -370,7 +370,7 @@ macro_rules! shared_job_sql {
             ) -> Result<bool, $crate::store::StoreError> {
                 // One writer at a time on SQLite: a lease renewal committing between a page
                 // write's read and its write would fail that write (SQLITE_BUSY_SNAPSHOT).
-                let _turn = self.write_turn().await;
+                let _turn = self.write_turn().await?;
                 let done = sqlx::query(
                     "UPDATE job_runs SET pages = $1, received_count = $2, created_count = $3,
                          updated_count = $4, unchanged_count = $5, failed_count = $6,
@@ -402,7 +402,7 @@ macro_rules! shared_job_sql {
             ) -> Result<bool, $crate::store::StoreError> {
                 // One writer at a time on SQLite: a lease renewal committing between a page
                 // write's read and its write would fail that write (SQLITE_BUSY_SNAPSHOT).
-                let _turn = self.write_turn().await;
+                let _turn = self.write_turn().await?;
                 let done = sqlx::query(
                     "UPDATE job_runs SET lease_until_us = $1
                      WHERE id = $2 AND runner = $3 AND status = 'running'",
@@ -426,7 +426,7 @@ macro_rules! shared_job_sql {
             ) -> Result<bool, $crate::store::StoreError> {
                 // One writer at a time on SQLite: a lease renewal committing between a page
                 // write's read and its write would fail that write (SQLITE_BUSY_SNAPSHOT).
-                let _turn = self.write_turn().await;
+                let _turn = self.write_turn().await?;
                 let mut tx = self.pool.begin().await?;
                 let done = sqlx::query(
                     "UPDATE job_runs SET status = $1, finished_at = $2, pages = $3,
@@ -528,7 +528,7 @@ macro_rules! shared_job_sql {
             ) -> Result<(), $crate::store::StoreError> {
                 // One writer at a time on SQLite: a lease renewal committing between a page
                 // write's read and its write would fail that write (SQLITE_BUSY_SNAPSHOT).
-                let _turn = self.write_turn().await;
+                let _turn = self.write_turn().await?;
                 if rows.is_empty() {
                     return Ok(());
                 }
@@ -573,7 +573,7 @@ macro_rules! shared_job_sql {
             ) -> Result<(), $crate::store::StoreError> {
                 // One writer at a time on SQLite: a lease renewal committing between a page
                 // write's read and its write would fail that write (SQLITE_BUSY_SNAPSHOT).
-                let _turn = self.write_turn().await;
+                let _turn = self.write_turn().await?;
                 for chunk in local_ids.chunks($crate::store::jobs::JOB_INSERT_CHUNK) {
                     let mut q = sqlx::QueryBuilder::<$db>::new(
                         "DELETE FROM sync_quarantine WHERE connection_id = ",
@@ -676,7 +676,7 @@ macro_rules! shared_job_sql {
             ) -> Result<(), $crate::store::StoreError> {
                 // One writer at a time on SQLite: a lease renewal committing between a page
                 // write's read and its write would fail that write (SQLITE_BUSY_SNAPSHOT).
-                let _turn = self.write_turn().await;
+                let _turn = self.write_turn().await?;
                 if digests.is_empty() {
                     return Ok(());
                 }

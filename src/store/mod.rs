@@ -124,6 +124,33 @@ impl From<sqlx::Error> for StoreError {
             {
                 StoreError::Unavailable("a concurrent transaction conflicted; retry".into())
             }
+            // The server going away or not taking connections (class 08 connection_exception,
+            // 57P01 admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now, 53300
+            // too_many_connections): what a PostgreSQL restart says to the connections it
+            // ends. These were 500s ("database error") while the same outage seen as a reset
+            // socket was a 503.
+            sqlx::Error::Database(db)
+                if db
+                    .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                    .is_some()
+                    && db.code().is_some_and(|c| {
+                        c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03" | "53300")
+                    }) =>
+            {
+                StoreError::Unavailable("the database server is unavailable".into())
+            }
+            // SQLITE_BUSY / SQLITE_LOCKED (and their extended codes, BUSY_SNAPSHOT included):
+            // another connection or process held the lock past the busy timeout. The database
+            // is there but busy: retry later (503), not a fault of ours (500).
+            sqlx::Error::Database(db)
+                if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some()
+                    && db
+                        .code()
+                        .and_then(|c| c.parse::<i32>().ok())
+                        .is_some_and(|c| matches!(c & 0xff, 5 | 6)) =>
+            {
+                StoreError::Unavailable("the database is locked; retry".into())
+            }
             // Only the database's message and code: PostgreSQL puts row values in `detail`,
             // which is deliberately left out.
             sqlx::Error::Database(db) => StoreError::Database(format!(

@@ -418,7 +418,7 @@ macro_rules! shared_outbox_sql {
                 audit: &[$crate::audit::NewAuditEvent],
             ) -> Result<$crate::store::ClaimState, $crate::store::StoreError> {
                 let now = $crate::store::now();
-                let _turn = self.write_turn().await;
+                let _turn = self.write_turn().await?;
                 let mut tx = self.begin_for(&change.practice_id).await?;
                 if !Self::apply_claim_changes_in(&mut tx, std::slice::from_ref(change), now).await? {
                     return Err($crate::store::StoreError::VersionConflict { index: 0 });
@@ -441,7 +441,7 @@ macro_rules! shared_outbox_sql {
                 lease_until_us: i64,
                 limit: i64,
             ) -> Result<Vec<$crate::store::OutboxRow>, $crate::store::StoreError> {
-                let _turn = self.write_turn().await;
+                let _turn = self.write_turn().await?;
                 let rows = sqlx::query(&format!(
                     "UPDATE claim_outbox SET runner = $1, lease_until_us = $2,
                          attempts = attempts + 1, last_attempt_us = $3
@@ -477,7 +477,7 @@ macro_rules! shared_outbox_sql {
                 if ids.is_empty() {
                     return Ok(0);
                 }
-                let _turn = self.write_turn().await;
+                let _turn = self.write_turn().await?;
                 let mut tx = self.pool.begin().await?;
                 let mut removed = 0;
                 for chunk in ids.chunks($crate::store::ROW_INSERT_CHUNK) {
@@ -504,7 +504,7 @@ macro_rules! shared_outbox_sql {
                 available_us: i64,
                 error: &str,
             ) -> Result<bool, $crate::store::StoreError> {
-                let _turn = self.write_turn().await;
+                let _turn = self.write_turn().await?;
                 let done = sqlx::query(
                     "UPDATE claim_outbox SET runner = NULL, lease_until_us = NULL,
                          available_us = $1, last_error = $2
@@ -527,7 +527,7 @@ macro_rules! shared_outbox_sql {
                 audit: &[$crate::audit::NewAuditEvent],
             ) -> Result<bool, $crate::store::StoreError> {
                 let now = $crate::store::now();
-                let _turn = self.write_turn().await;
+                let _turn = self.write_turn().await?;
                 let mut tx = self.pool.begin().await?;
                 let moved = sqlx::query(
                     "INSERT INTO claim_dead_letters (id, practice_id, connection_id, claim_id,
@@ -557,7 +557,7 @@ macro_rules! shared_outbox_sql {
             }
 
             async fn release(&self, runner: &str) -> Result<u64, $crate::store::StoreError> {
-                let _turn = self.write_turn().await;
+                let _turn = self.write_turn().await?;
                 let done = sqlx::query(
                     "UPDATE claim_outbox SET runner = NULL, lease_until_us = NULL WHERE runner = $1",
                 )
@@ -637,7 +637,7 @@ macro_rules! shared_outbox_sql {
                 audit: &[$crate::audit::NewAuditEvent],
             ) -> Result<$crate::store::DeadLetter, $crate::store::StoreError> {
                 let now = $crate::store::now();
-                let _turn = self.write_turn().await;
+                let _turn = self.write_turn().await?;
                 let mut tx = self.begin_for(practice).await?;
                 let row = sqlx::query(&format!(
                     "SELECT {} FROM claim_dead_letters WHERE id = $1 AND practice_id = $2{}",

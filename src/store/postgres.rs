@@ -98,8 +98,8 @@ impl PgStore {
     }
 
     /// PostgreSQL writes concurrently: no queue.
-    async fn write_turn(&self) -> Option<()> {
-        None
+    async fn write_turn(&self) -> Result<Option<()>, StoreError> {
+        Ok(None)
     }
 }
 

@@ -370,7 +370,7 @@ macro_rules! shared_resource_sql {
                 digests: Option<&$crate::store::SyncDigests<'_>>,
             ) -> Result<(), $crate::store::StoreError> {
                 use $crate::store::{Expect, StoreError, INDEX_INSERT_CHUNK, ROW_INSERT_CHUNK};
-                let _turn = self.write_turn().await;
+                let _turn = self.write_turn().await?;
                 let mut tx = self.begin_for(practice).await?;
                 // Creates first, many rows a statement: a check that none exists yet (to name
                 // the conflicting write), then one INSERT per chunk.
@@ -755,7 +755,7 @@ macro_rules! shared_resource_sql {
                 &self,
                 resealed: &[($crate::store::SealedVersion, String, Vec<u8>)],
             ) -> Result<u64, $crate::store::StoreError> {
-                let _turn = self.write_turn().await;
+                let _turn = self.write_turn().await?;
                 let mut tx = self.pool.begin().await?;
                 let mut done = 0;
                 for (old, key_id, content) in resealed {

@@ -33,6 +33,8 @@ pub struct SqliteStore {
     /// for the database lock through the busy handler's sleep-and-retry (which costs tail
     /// latency under concurrent writes).
     writer: tokio::sync::Mutex<()>,
+    /// How long a writer waits for its turn (the pool's acquire timeout).
+    turn_timeout: std::time::Duration,
 }
 
 impl SqliteStore {
@@ -59,6 +61,7 @@ impl SqliteStore {
             pool,
             max: options.max_connections,
             writer: tokio::sync::Mutex::new(()),
+            turn_timeout: options.acquire_timeout,
         })
     }
 
@@ -80,9 +83,15 @@ impl SqliteStore {
         Ok(None)
     }
 
-    /// Waits for this process's turn to write (see `writer`).
-    async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
-        Some(self.writer.lock().await)
+    /// Waits for this process's turn to write (see `writer`), at most the acquire timeout:
+    /// then the database is busy (503), as when no pooled connection comes free in time.
+    /// Unbounded, a lock held by another process made each queued writer wait out the busy
+    /// timeout of every writer ahead of it (seconds times the queue's length).
+    async fn write_turn(&self) -> Result<Option<tokio::sync::MutexGuard<'_, ()>>, StoreError> {
+        tokio::time::timeout(self.turn_timeout, self.writer.lock())
+            .await
+            .map(Some)
+            .map_err(|_| StoreError::Unavailable("no turn to write in time".into()))
     }
 }
 
@@ -327,7 +336,7 @@ impl Store for SqliteStore {
         expires_at: u64,
     ) -> Result<bool, StoreError> {
         let now = crate::gate::access_token::unix_now() as i64;
-        let _turn = self.write_turn().await;
+        let _turn = self.write_turn().await?;
         let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM client_assertions WHERE expires_at < ?1")
             .bind(now)
@@ -356,7 +365,7 @@ impl Store for SqliteStore {
         if events.is_empty() {
             return Ok(0);
         }
-        let _turn = self.write_turn().await;
+        let _turn = self.write_turn().await?;
         let mut tx = self.pool.begin().await?;
         Self::append_audit_in(&mut tx, events, at).await?;
         tx.commit().await?;

@@ -10,6 +10,8 @@ mod care;
 mod claim_prepare;
 mod claim_push;
 mod connections;
+mod db_outage;
+mod ehr_faults;
 mod export;
 mod fhir_surface;
 mod helpers;

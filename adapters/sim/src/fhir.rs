@@ -65,16 +65,15 @@ pub(crate) async fn read_patient(
     let rec = store
         .get(&id)
         .ok_or_else(|| SimError::NotFound("Patient".into()))?;
+    let etag = format!(
+        "W/\"{}\"",
+        rec.resource["meta"]["versionId"].as_str().unwrap_or("1")
+    );
+    let body = maybe_malformed_read(&sh, &rec.json);
     Ok(HttpResponse::Ok()
         .content_type(FHIR_JSON)
-        .insert_header((
-            header::ETAG,
-            format!(
-                "W/\"{}\"",
-                rec.resource["meta"]["versionId"].as_str().unwrap_or("1")
-            ),
-        ))
-        .body(rec.json.clone()))
+        .insert_header((header::ETAG, etag))
+        .body(body))
 }
 
 /// A parsed `_lastUpdated` bound: (prefix, ms).
@@ -429,21 +428,56 @@ fn bundle(
     out
 }
 
-fn maybe_malformed(sh: &Shared, body: Vec<u8>) -> Vec<u8> {
+/// The kind of malformation the next response gets, if any (one of the `malformed_next` used).
+fn take_malformed(sh: &Shared) -> Option<Malformed> {
     let mut f = lock(&sh.faults);
     if f.malformed_next == 0 {
-        return body;
+        return None;
     }
     f.malformed_next -= 1;
-    match f.malformed_kind {
-        Malformed::Truncated => body[..body.len() / 2].to_vec(),
-        Malformed::WrongResourceType => {
+    Some(f.malformed_kind)
+}
+
+fn maybe_malformed(sh: &Shared, body: Vec<u8>) -> Vec<u8> {
+    match take_malformed(sh) {
+        None => body,
+        Some(Malformed::Truncated) => body[..body.len() / 2].to_vec(),
+        Some(Malformed::WrongResourceType) => {
             let s = String::from_utf8_lossy(&body).replacen(
                 "\"resourceType\":\"Bundle\"",
                 "\"resourceType\":\"Bundel\"",
                 1,
             );
             s.into_bytes()
+        }
+        Some(Malformed::WrongEntryType) => {
+            let Ok(mut bundle) = serde_json::from_slice::<Value>(&body) else {
+                return body;
+            };
+            if let Some(resource) = bundle["entry"]
+                .get_mut(0)
+                .and_then(|e| e.get_mut("resource"))
+            {
+                resource["resourceType"] = Value::from("Observation");
+            }
+            bundle.to_string().into_bytes()
+        }
+    }
+}
+
+/// A read's body, malformed when asked: cut off, or the resource as an `Observation`.
+fn maybe_malformed_read(sh: &Shared, body: &[u8]) -> Vec<u8> {
+    match take_malformed(sh) {
+        None => body.to_vec(),
+        Some(Malformed::Truncated) => body[..body.len() / 2].to_vec(),
+        Some(Malformed::WrongResourceType | Malformed::WrongEntryType) => {
+            match serde_json::from_slice::<Value>(body) {
+                Ok(mut resource) => {
+                    resource["resourceType"] = Value::from("Observation");
+                    resource.to_string().into_bytes()
+                }
+                Err(_) => body.to_vec(),
+            }
         }
     }
 }

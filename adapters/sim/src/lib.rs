@@ -362,7 +362,7 @@ impl Controls {
     pub fn set_latency(&self, latency: Duration) {
         lock(&self.0.faults).latency = latency;
     }
-    /// The next `n` search responses are malformed in the given way.
+    /// The next `n` search responses and Patient reads are malformed in the given way.
     pub fn malformed_next(&self, n: u32, kind: Malformed) {
         let mut f = lock(&self.0.faults);
         f.malformed_next = n;

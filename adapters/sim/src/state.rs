@@ -160,13 +160,16 @@ impl PatientStore {
     }
 }
 
-/// How malformed a search response is made by [`crate::Controls::malformed_next`].
+/// How malformed a response is made by [`crate::Controls::malformed_next`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Malformed {
-    /// A Bundle whose `resourceType` is wrong (`"Bundel"`).
+    /// A Bundle whose `resourceType` is wrong (`"Bundel"`); a read answers an `Observation`.
     WrongResourceType,
     /// The JSON cut off halfway.
     Truncated,
+    /// A well-formed searchset whose first entry is presented as a match but is an
+    /// `Observation` (same id), not the type searched for; a read answers an `Observation`.
+    WrongEntryType,
 }
 
 #[derive(Debug)]

@@ -708,6 +708,20 @@ async fn malformed_search_responses_are_served_when_asked() {
     assert_ne!(b["resourceType"], "Bundle");
     let b: Value = get(&url, &t).await.json().await.unwrap();
     assert_eq!(b["resourceType"], "Bundle");
+    sim.controls().malformed_next(2, Malformed::WrongEntryType);
+    let b: Value = get(&url, &t).await.json().await.unwrap();
+    assert_eq!(b["resourceType"], "Bundle");
+    assert_eq!(b["entry"][0]["resource"]["resourceType"], "Observation");
+    assert_eq!(b["entry"][1]["resource"]["resourceType"], "Patient");
+    let id = sim.patient_ids()[0].clone();
+    let read = format!("{}/Patient/{id}", sim.fhir_base_url());
+    let r: Value = get(&read, &t).await.json().await.unwrap();
+    assert_eq!(
+        (r["resourceType"].as_str(), r["id"].as_str()),
+        (Some("Observation"), Some(id.as_str()))
+    );
+    let r: Value = get(&read, &t).await.json().await.unwrap();
+    assert_eq!(r["resourceType"], "Patient");
 }
 
 #[tokio::test]

@@ -61,9 +61,11 @@ struct Listing {
     watermark: Watermark,
 }
 
-/// The pages of the search at `first` (a URL on the client's base), resources of
-/// `resource_type` only (included resources and OperationOutcome entries are left out).
-/// Each page's watermark is the largest `meta.lastUpdated` so far, starting from `since`.
+/// The pages of the search at `first` (a URL on the client's base): its matches (included
+/// resources and OperationOutcome entries are left out). A match of another type than
+/// `resource_type` is kept for the caller to refuse (a pull quarantines it with the reason)
+/// rather than dropped unseen. Each page's watermark is the largest `meta.lastUpdated` of the
+/// `resource_type` matches so far, starting from `since`.
 pub fn search_pages<'a>(
     client: &'a EhrClient,
     first: Url,
@@ -87,7 +89,11 @@ pub fn search_pages<'a>(
         }
         state.next = next_link(&bundle, client.base_url())?;
         let resources = bundle_resources(&mut bundle, resource_type);
-        resources.iter().for_each(|r| state.watermark.observe(r));
+        // A record of the wrong type says nothing about where the next pull starts.
+        resources
+            .iter()
+            .filter(|r| r.get("resourceType").and_then(Value::as_str) == Some(resource_type))
+            .for_each(|r| state.watermark.observe(r));
         let page = Page {
             resources,
             watermark: state.watermark.current(),
@@ -96,15 +102,32 @@ pub fn search_pages<'a>(
     }))
 }
 
-/// Takes the entries' resources of `resource_type` out of a Bundle.
+/// Takes the matches out of a searchset Bundle: entries of `resource_type`, and entries of any
+/// other type that the EHR marks as matches (`search.mode` `match`). Included resources
+/// (`search.mode` `include`, or another type without a mode, as servers that omit the mode
+/// send `_include`s) and OperationOutcome entries are left out.
+///
+/// Dropping every entry of another type, as this once did, made a record the EHR calls a match
+/// but of the wrong type vanish without trace; kept, it reaches the pull, which quarantines it
+/// with its reason.
 pub(crate) fn bundle_resources(bundle: &mut Value, resource_type: &str) -> Vec<Value> {
     let Some(Value::Array(entries)) = bundle.get_mut("entry").map(Value::take) else {
         return Vec::new();
     };
     entries
         .into_iter()
-        .filter_map(|mut entry| entry.get_mut("resource").map(Value::take))
-        .filter(|r| r.get("resourceType").and_then(Value::as_str) == Some(resource_type))
+        .filter_map(|mut entry| {
+            let mode = entry
+                .get("search")
+                .and_then(|s| s.get("mode"))
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            let resource = entry.get_mut("resource").map(Value::take)?;
+            let of_type = resource.get("resourceType").and_then(Value::as_str);
+            let keep = of_type == Some(resource_type)
+                || (of_type != Some("OperationOutcome") && mode.as_deref() == Some("match"));
+            keep.then_some(resource)
+        })
         .collect()
 }
 
@@ -173,6 +196,22 @@ mod tests {
             next_link(&json!({"resourceType": "Bundle"}), &base).unwrap(),
             None
         );
+    }
+
+    #[test]
+    fn marked_matches_of_another_type_are_kept_and_includes_and_outcomes_left_out() {
+        let mut bundle = json!({"resourceType": "Bundle", "entry": [
+            {"resource": {"resourceType": "Patient", "id": "a"}, "search": {"mode": "match"}},
+            {"resource": {"resourceType": "Observation", "id": "b"}, "search": {"mode": "match"}},
+            {"resource": {"resourceType": "Practitioner", "id": "c"}},
+            {"resource": {"resourceType": "Organization", "id": "d"}, "search": {"mode": "include"}},
+            {"resource": {"resourceType": "OperationOutcome"}, "search": {"mode": "outcome"}},
+            {"resource": {"resourceType": "OperationOutcome"}},
+            {"fullUrl": "urn:uuid:no-resource"}
+        ]});
+        let kept = bundle_resources(&mut bundle, "Patient");
+        let ids: Vec<&str> = kept.iter().map(|r| r["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, ["a", "b"]);
     }
 
     #[test]

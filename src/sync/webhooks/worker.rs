@@ -60,7 +60,14 @@ impl From<AdapterError> for Failure {
             AdapterError::Transient(_) => retry("the EHR failed or did not answer"),
             AdapterError::Auth(_) => Failure::Dead("the EHR refused the gateway's credentials"),
             AdapterError::NotFound => Failure::Dead("the EHR has no such patient"),
-            AdapterError::Permanent(_) => Failure::Dead("the EHR refused the request"),
+            AdapterError::Permanent(_) if err.is_refusal() => {
+                Failure::Dead("the EHR refused the request")
+            }
+            // Not a refusal: the EHR answered with something unusable. Saying "refused" here
+            // sent operators to look for a 4xx that never happened.
+            AdapterError::Permanent(_) => Failure::Dead(
+                "the EHR's answer could not be used (malformed, or not the resource asked for)",
+            ),
             AdapterError::Mapping(_) => {
                 Failure::Dead("the patient did not map to the internal model")
             }
