@@ -123,17 +123,22 @@ struct Samples {
     ok: Vec<[Vec<f32>; 4]>,
     /// `[interval][stream]` failures.
     failed: Vec<[u64; 4]>,
+    /// Failures by stream and HTTP status (0: no answer, or the body was cut off).
+    causes: std::collections::BTreeMap<(usize, u16), u64>,
 }
 
 impl Samples {
-    fn record(&mut self, interval: usize, stream: usize, ms: Option<f32>) {
+    fn record(&mut self, interval: usize, stream: usize, ms: Result<f32, u16>) {
         while self.ok.len() <= interval {
             self.ok.push(Default::default());
             self.failed.push([0; 4]);
         }
         match ms {
-            Some(ms) => self.ok[interval][stream].push(ms),
-            None => self.failed[interval][stream] += 1,
+            Ok(ms) => self.ok[interval][stream].push(ms),
+            Err(status) => {
+                self.failed[interval][stream] += 1;
+                *self.causes.entry((stream, status)).or_default() += 1;
+            }
         }
     }
 }
@@ -156,18 +161,11 @@ fn p99(values: &mut [f32]) -> f32 {
 }
 
 fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+    // statm's second field: resident pages (4 KiB on the machines this runs on).
+    std::fs::read_to_string(format!("/proc/{pid}/statm"))
         .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?.to_owned();
-            line.trim_start_matches("VmRSS:")
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })
-        .map_or(f64::NAN, |kib| kib / 1024.0)
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map_or(f64::NAN, |pages| pages * 4096.0 / (1024.0 * 1024.0))
 }
 
 async fn backlog(store: &dyn Store) -> (i64, i64) {
@@ -456,10 +454,19 @@ async fn soak(
                             match answer {
                                 Ok((update, at)) => {
                                     committed.lock().unwrap().insert(update, (i, at));
-                                    samples.lock().unwrap().record(i, 3, Some(ms));
+                                    samples.lock().unwrap().record(i, 3, Ok(ms));
                                     step += 1;
                                 }
-                                Err(_) => samples.lock().unwrap().record(i, 3, None),
+                                Err(e) => {
+                                    // `Api::post` says "path: 503 Service Unavailable".
+                                    let status = e
+                                        .rsplit(": ")
+                                        .next()
+                                        .and_then(|s| s.get(..3))
+                                        .and_then(|s| s.parse().ok())
+                                        .unwrap_or(0);
+                                    samples.lock().unwrap().record(i, 3, Err(status))
+                                }
                             }
                             k += claims_n;
                         }
@@ -511,19 +518,23 @@ async fn soak(
                         }
                     };
                     inflight.spawn(async move {
-                        let ok = match request.send().await {
+                        let outcome = match request.send().await {
                             Ok(res) => {
-                                let good = res.status().is_success();
+                                let status = res.status();
                                 // Read the whole answer: a request is done when its body is.
-                                res.bytes().await.is_ok() && good
+                                match (res.bytes().await, status.is_success()) {
+                                    (Ok(_), true) => Ok(()),
+                                    (Ok(_), false) => Err(status.as_u16()),
+                                    (Err(_), _) => Err(0),
+                                }
                             }
-                            Err(_) => false,
+                            Err(_) => Err(0),
                         };
                         let ms = due.elapsed().as_secs_f32() * 1000.0;
                         samples
                             .lock()
                             .unwrap()
-                            .record(bucket(due), stream, ok.then_some(ms));
+                            .record(bucket(due), stream, outcome.map(|()| ms));
                     });
                     // Reap what has finished, so the set stays small.
                     while inflight.try_join_next().is_some() {}
@@ -617,6 +628,12 @@ async fn soak(
             .map(|(s, n)| format!("{s} {n}"))
             .collect();
         println!("failures by stream: {}", parts.join(", "));
+        let causes: Vec<String> = samples
+            .causes
+            .iter()
+            .map(|((s, status), n)| format!("{} {status}: {n}", STREAMS[*s]))
+            .collect();
+        println!("failures by status (0 = no answer): {}", causes.join(", "));
     }
     if let Ok(path) = std::env::var("BENCH_SOAK_CSV") {
         let written = std::fs::File::create(&path).and_then(|mut f| f.write_all(csv.as_bytes()));
