@@ -580,7 +580,7 @@ async fn soak(
     println!("| until s | reads/s | p99 ms | writes/s | p99 ms | webhooks/s | p99 ms | pushes/s | p99 ms | deliv p99 ms | errors | inbox | outbox | RSS MiB |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let (mut total_ok, mut total_failed) = (0u64, 0u64);
-    for i in 0..intervals {
+    for (i, delivered_in) in delivery.iter_mut().enumerate() {
         let start = interval.as_secs_f64() * i as f64;
         let end = (interval.as_secs_f64() * (i + 1) as f64).min(run_for.as_secs_f64());
         let span = end - start;
@@ -594,7 +594,7 @@ async fn soak(
             row.push(format!("{:.0}", stream.len() as f64 / span));
             row.push(format!("{:.1}", p99(stream)));
         }
-        row.push(format!("{:.1}", p99(&mut delivery[i])));
+        row.push(format!("{:.1}", p99(delivered_in)));
         let errors: u64 = failed.iter().sum();
         total_failed += errors;
         row.push(errors.to_string());

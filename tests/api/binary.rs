@@ -360,6 +360,18 @@ async fn no_phi_reaches_the_logs_whatever_the_request_carries() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Drain both pipes from the start: at debug level the logs outgrow a pipe's buffer (64 KiB)
+    // within these requests, and a child blocked writing a log line answers nothing (this test
+    // hung on PostgreSQL, whose debug logs are longer, until the pipes were read concurrently).
+    let drain = |mut pipe: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            bytes
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
     wait_until_up(port, &mut child);
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
@@ -509,11 +521,10 @@ async fn no_phi_reaches_the_logs_whatever_the_request_carries() {
         .unwrap();
 
     sigterm(&child);
-    // Read both pipes while waiting: a child whose pipe fills would block on its next log line.
-    let output = child.wait_with_output().unwrap();
-    assert!(output.status.success());
-    let mut logs = String::from_utf8_lossy(&output.stdout).into_owned();
-    logs.push_str(&String::from_utf8_lossy(&output.stderr));
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    let mut logs = String::from_utf8_lossy(&stdout.join().unwrap()).into_owned();
+    logs.push_str(&String::from_utf8_lossy(&stderr.join().unwrap()));
     assert!(
         logs.lines()
             .filter(|l| l.contains("request completed"))
