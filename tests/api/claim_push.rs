@@ -177,6 +177,15 @@ async fn new_claim(gw: &Gateway, p: &Patient, ehr_claim: Option<(&str, &str)>) -
     .await
 }
 
+/// A claim of the practice of `gw`, about a patient pulled from `connection`, prepared and
+/// ready to be submitted (the submission is what reaches the EHR).
+pub(crate) async fn prepared_claim(gw: &Gateway, connection: &str, ehr_patient: &str) -> String {
+    let p = pulled_patient(gw, connection, ehr_patient).await;
+    let claim = new_claim(gw, &p, None).await;
+    gw.change(&claim, "prepared").await;
+    claim
+}
+
 /// An EHR simulator and the practice's connection to it. The adapter tries each call once and
 /// its circuit breaker stays closed, so every failure is the outbox's to retry.
 struct Ehr {

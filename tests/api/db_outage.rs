@@ -42,7 +42,7 @@ use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 
-use crate::claim_push::Gateway;
+use crate::claim_push::{prepared_claim, Gateway};
 use crate::helpers::{backend, spawn_app_on, TestApp, TestDb};
 
 fn master_key() -> String {
@@ -491,43 +491,6 @@ async fn set_scene(app: &TestApp) -> Scene {
         submissions,
         seeded,
     }
-}
-
-/// A prepared claim about a patient pulled from `connection` (what a submission needs).
-async fn prepared_claim(gw: &Gateway, connection: &str, ehr_patient: &str) -> String {
-    let patient = gw
-        .create(json!({
-            "resourceType": "Patient",
-            "identifier": [{ "system": format!("urn:fhirgate:connection:{connection}"), "value": ehr_patient }],
-            "name": [{ "family": "Quillfeather" }]
-        }))
-        .await;
-    let payer = gw
-        .create(json!({ "resourceType": "Organization", "name": "Acme Health" }))
-        .await;
-    let coverage = gw
-        .create(json!({
-            "resourceType": "Coverage",
-            "status": "active",
-            "beneficiary": { "reference": format!("Patient/{patient}") },
-            "payor": [{ "reference": format!("Organization/{payer}") }]
-        }))
-        .await;
-    let claim = gw
-        .create(json!({
-            "resourceType": "Claim",
-            "status": "active",
-            "type": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/claim-type", "code": "professional" }] },
-            "use": "claim",
-            "patient": { "reference": format!("Patient/{patient}") },
-            "created": "2026-11-20",
-            "provider": { "reference": format!("Organization/{payer}") },
-            "priority": { "coding": [{ "code": "normal" }] },
-            "insurance": [{ "sequence": 1, "focal": true, "coverage": { "reference": format!("Coverage/{coverage}") } }]
-        }))
-        .await;
-    gw.change(&claim, "prepared").await;
-    claim
 }
 
 /// Load, outage, recovery, then every check; `expect_unready` says whether `/readyz` must go

@@ -28,7 +28,7 @@ use fhirgate_ehr_sim::{Malformed, Personality, SimConfig, Simulator};
 use serde_json::{json, Map, Value};
 
 use crate::auth::session;
-use crate::claim_push::Gateway;
+use crate::claim_push::{prepared_claim, Gateway};
 use crate::helpers::{spawn_app_with, TestApp};
 
 fn master_key() -> String {
@@ -699,45 +699,6 @@ async fn a_webhook_fetch_waits_out_a_429s_retry_after_and_a_malformed_or_wrong_t
         sorted(vec![ids[0].clone(), ids[1].clone(), ids[4].clone()])
     );
     still_serving(&app, &admin).await;
-}
-
-/// A claim of the practice of `gw`, about a patient pulled from `connection`, prepared and
-/// ready to be submitted (the submission is what reaches the EHR).
-async fn prepared_claim(gw: &Gateway, connection: &str, ehr_patient: &str) -> String {
-    let patient = gw
-        .create(json!({
-            "resourceType": "Patient",
-            "identifier": [{ "system": format!("urn:fhirgate:connection:{connection}"), "value": ehr_patient }],
-            "name": [{ "family": "Quillfeather", "given": ["Ada"] }],
-            "birthDate": "1961-04-12"
-        }))
-        .await;
-    let payer = gw
-        .create(json!({ "resourceType": "Organization", "name": "Acme Health" }))
-        .await;
-    let coverage = gw
-        .create(json!({
-            "resourceType": "Coverage",
-            "status": "active",
-            "beneficiary": { "reference": format!("Patient/{patient}") },
-            "payor": [{ "reference": format!("Organization/{payer}") }]
-        }))
-        .await;
-    let claim = gw
-        .create(json!({
-            "resourceType": "Claim",
-            "status": "active",
-            "type": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/claim-type", "code": "professional" }] },
-            "use": "claim",
-            "patient": { "reference": format!("Patient/{patient}") },
-            "created": "2026-11-20",
-            "provider": { "reference": format!("Organization/{payer}") },
-            "priority": { "coding": [{ "code": "normal" }] },
-            "insurance": [{ "sequence": 1, "focal": true, "coverage": { "reference": format!("Coverage/{coverage}") } }]
-        }))
-        .await;
-    gw.change(&claim, "prepared").await;
-    claim
 }
 
 /// Waits (bounded) until the simulator applied `n` updates to `claim`.
