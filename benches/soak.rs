@@ -24,6 +24,10 @@
 //!   claims carry the whole run. `deliv p99` is event-to-delivery (change committed to the
 //!   simulator storing it) of the changes made in that interval.
 //!
+//! The traffic is spread round robin over `BENCH_SOAK_PRACTICES` (default 4) practices, each
+//! with its own client and its own connection to the one simulated EHR: a gateway serves many
+//! practices, and each practice's audited writes take turns on that practice's audit chain.
+//!
 //! An error is any answer other than the expected 2xx, or no answer. Per interval it prints each
 //! stream's achieved rate and p99, the errors, the inbox and outbox backlog and the gateway's RSS;
 //! `BENCH_SOAK_CSV=path` also writes the rows as CSV. Exits 1 when more than 0.1% of requests
@@ -66,6 +70,15 @@ struct Options {
     interval: u64,
     rates: [u64; 4],
     claims: usize,
+    practices: usize,
+}
+
+/// One practice of the load: its client, its connection to the EHR, the patients its reads read.
+struct Tenant {
+    api: Arc<Api>,
+    connection: String,
+    webhook_url: String,
+    seeded: Vec<String>,
 }
 
 fn env_number(name: &str, default: u64) -> Result<u64, String> {
@@ -93,11 +106,18 @@ fn options() -> Result<Options, String> {
     // Each claim gets a change every `claims / push rate` seconds: long enough for the previous
     // one to be answered at any sane latency.
     let claims = env_number("BENCH_SOAK_CLAIMS", (rates[3] * 2).max(1))? as usize;
+    // The load is a gateway's, not one practice's: each practice's audited writes take turns on
+    // its own audit chain, so one practice's combined write rate has a ceiling of its own.
+    let practices = env_number("BENCH_SOAK_PRACTICES", 4)? as usize;
+    if practices == 0 || practices > 64 {
+        return Err("BENCH_SOAK_PRACTICES must be 1 to 64".into());
+    }
     Ok(Options {
         seconds,
         interval,
         rates,
-        claims,
+        claims: claims.max(practices),
+        practices,
     })
 }
 
@@ -295,78 +315,90 @@ async fn soak(
         .pool_max_idle_per_host(256)
         .build()
         .map_err(|e| e.to_string())?;
-    let (practice, token) = bench_client(&*store, &http, &base, Role::Billing, SCOPES).await;
-    let api = Arc::new(Api {
-        http: http.clone(),
-        base: base.clone(),
-        token,
-    });
-
-    // The EHR, the practice's connection to it (with a webhook secret).
+    // The EHR, shared by every practice's connection to it (each with a webhook secret).
     let mut config = SimConfig::new(Personality::Generic);
     config.patients = 1000;
     let sim = Simulator::start(config).map_err(|e| format!("the simulator: {e}"))?;
     let keyring = Keyring::parse(MASTER_KEY).expect("the bench key parses");
     let profiles = Arc::new(fhirgate_mappings::Profiles::built_in().expect("built-in profiles"));
     let connections = Connections::new(store.clone(), &keyring, profiles);
-    let mut spec = fhirgate::cli::sandbox_spec(&sim, &practice).ok_or("no simulator credential")?;
-    spec.webhook_secret = Some(SECRET.into());
-    let connection = connections
-        .add(spec)
-        .await
-        .map_err(|e| format!("the connection: {e}"))?
-        .id;
     let ehr_patients = Arc::new(sim.patient_ids());
 
-    // What the reads read, and the claims the pushes move.
     eprintln!(
-        "soak bench: writing {SEEDED_PATIENTS} patients and {} claims",
-        options.claims
+        "soak bench: {} practices; writing {SEEDED_PATIENTS} patients and {} claims",
+        options.practices, options.claims
     );
-    let mut seeded = Vec::with_capacity(SEEDED_PATIENTS);
-    for i in 0..SEEDED_PATIENTS {
-        seeded.push(api.create(patient(i, "seed")).await?);
+    let mut tenants = Vec::with_capacity(options.practices);
+    // (tenant, claim id) of every claim the pushes move.
+    let mut claims: Vec<(usize, String)> = Vec::with_capacity(options.claims);
+    for t in 0..options.practices {
+        let (practice, token) = bench_client(&*store, &http, &base, Role::Billing, SCOPES).await;
+        let api = Arc::new(Api {
+            http: http.clone(),
+            base: base.clone(),
+            token,
+        });
+        let mut spec =
+            fhirgate::cli::sandbox_spec(&sim, &practice).ok_or("no simulator credential")?;
+        spec.webhook_secret = Some(SECRET.into());
+        let connection = connections
+            .add(spec)
+            .await
+            .map_err(|e| format!("the connection: {e}"))?
+            .id;
+
+        // What the reads read, and the claims the pushes move.
+        let mut seeded = Vec::with_capacity(SEEDED_PATIENTS / options.practices + 1);
+        for i in (t..SEEDED_PATIENTS).step_by(options.practices) {
+            seeded.push(api.create(patient(i, "seed")).await?);
+        }
+        let claim_patient = api
+            .create(json!({
+                "resourceType": "Patient",
+                "identifier": [{ "system": format!("urn:fhirgate:connection:{connection}"), "value": "soak-claims" }],
+                "name": [{ "family": "Soak" }]
+            }))
+            .await?;
+        let payer = api
+            .create(json!({ "resourceType": "Organization", "name": "Soak Payer" }))
+            .await?;
+        let coverage = api
+            .create(json!({
+                "resourceType": "Coverage", "status": "active",
+                "beneficiary": { "reference": format!("Patient/{claim_patient}") },
+                "payor": [{ "reference": format!("Organization/{payer}") }]
+            }))
+            .await?;
+        let claim = json!({
+            "resourceType": "Claim", "status": "active",
+            "type": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/claim-type", "code": "professional" }] },
+            "use": "claim",
+            "patient": { "reference": format!("Patient/{claim_patient}") },
+            "created": "2026-11-20",
+            "provider": { "reference": format!("Organization/{payer}") },
+            "priority": { "coding": [{ "code": "normal" }] },
+            "insurance": [{ "sequence": 1, "focal": true, "coverage": { "reference": format!("Coverage/{coverage}") } }]
+        });
+        for _ in (t..options.claims).step_by(options.practices) {
+            let id = api.create(claim.clone()).await?;
+            api.post(
+                &format!("/api/v1/claims/{id}/status"),
+                &json!({ "status": "prepared" }),
+            )
+            .await?;
+            api.change(&id, "submitted").await?;
+            api.change(&id, "accepted").await?;
+            claims.push((t, id));
+        }
+        tenants.push(Tenant {
+            webhook_url: format!("{base}/webhooks/{connection}"),
+            api,
+            connection,
+            seeded,
+        });
     }
-    let seeded = Arc::new(seeded);
-    let claim_patient = api
-        .create(json!({
-            "resourceType": "Patient",
-            "identifier": [{ "system": format!("urn:fhirgate:connection:{connection}"), "value": "soak-claims" }],
-            "name": [{ "family": "Soak" }]
-        }))
-        .await?;
-    let payer = api
-        .create(json!({ "resourceType": "Organization", "name": "Soak Payer" }))
-        .await?;
-    let coverage = api
-        .create(json!({
-            "resourceType": "Coverage", "status": "active",
-            "beneficiary": { "reference": format!("Patient/{claim_patient}") },
-            "payor": [{ "reference": format!("Organization/{payer}") }]
-        }))
-        .await?;
-    let claim = json!({
-        "resourceType": "Claim", "status": "active",
-        "type": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/claim-type", "code": "professional" }] },
-        "use": "claim",
-        "patient": { "reference": format!("Patient/{claim_patient}") },
-        "created": "2026-11-20",
-        "provider": { "reference": format!("Organization/{payer}") },
-        "priority": { "coding": [{ "code": "normal" }] },
-        "insurance": [{ "sequence": 1, "focal": true, "coverage": { "reference": format!("Coverage/{coverage}") } }]
-    });
-    let mut claims = Vec::with_capacity(options.claims);
-    for _ in 0..options.claims {
-        let id = api.create(claim.clone()).await?;
-        api.post(
-            &format!("/api/v1/claims/{id}/status"),
-            &json!({ "status": "prepared" }),
-        )
-        .await?;
-        api.change(&id, "submitted").await?;
-        api.change(&id, "accepted").await?;
-        claims.push(id);
-    }
+    let tenants = Arc::new(tenants);
+    let claims = Arc::new(claims);
     let warm_updates = (options.claims * 2) as u64;
     let deadline = Instant::now() + Duration::from_secs(300);
     while sim.controls().counters().claim_updates_applied < warm_updates {
@@ -377,9 +409,10 @@ async fn soak(
     }
 
     println!(
-        "nproc={} backend={} seconds={} interval={} rates/s: reads={} writes={} webhooks={} pushes={} claims={}",
+        "nproc={} backend={} practices={} seconds={} interval={} rates/s: reads={} writes={} webhooks={} pushes={} claims={}",
         std::thread::available_parallelism().map_or(1, |n| n.get()),
         db.backend(),
+        options.practices,
         options.seconds,
         options.interval,
         options.rates[0],
@@ -426,20 +459,19 @@ async fn soak(
         }
         let period = Duration::from_secs_f64(1.0 / rate as f64);
         let total = (rate * options.seconds) as usize;
-        let (api, samples, committed) = (api.clone(), samples.clone(), committed.clone());
-        let (seeded, ehr_patients, claims) = (seeded.clone(), ehr_patients.clone(), claims.clone());
-        let webhook_url = Arc::new(format!("{base}/webhooks/{connection}"));
+        let (samples, committed) = (samples.clone(), committed.clone());
+        let (tenants, ehr_patients, claims) =
+            (tenants.clone(), ehr_patients.clone(), claims.clone());
         let key = Arc::new(signing_key(SECRET).expect("a valid secret"));
-        let connection = connection.clone();
         streams.spawn(async move {
             let mut inflight = tokio::task::JoinSet::new();
             // Pushes: one task per claim, each taking its turns in order (a claim's next change
             // waits for the previous one's answer, as a billing system's would).
             if stream == 3 {
                 let claims_n = claims.len();
-                for (c, claim) in claims.iter().enumerate() {
+                for (c, (t, claim)) in claims.iter().enumerate() {
                     let (api, samples, committed) =
-                        (api.clone(), samples.clone(), committed.clone());
+                        (tenants[*t].api.clone(), samples.clone(), committed.clone());
                     let claim = claim.clone();
                     inflight.spawn(async move {
                         let mut k = c;
@@ -476,14 +508,18 @@ async fn soak(
                 for k in 0..total {
                     let due = started + period * k as u32;
                     tokio::time::sleep_until(due).await;
-                    let (api, samples) = (api.clone(), samples.clone());
+                    let tenant = &tenants[k % tenants.len()];
+                    // The tenant's own turn: k / tenants picks within its share.
+                    let j = k / tenants.len();
+                    let (api, samples) = (&tenant.api, samples.clone());
                     let request = match stream {
                         0 if k % 4 == 3 => api
                             .http
                             .get(format!(
                                 "{}/fhir/r4/Patient?identifier=urn:soak|seed-{}",
                                 api.base,
-                                k % SEEDED_PATIENTS
+                                // The tenant's seeds are t, t + tenants, t + 2 * tenants...
+                                (k % tenants.len()) + (j % tenant.seeded.len()) * tenants.len()
                             ))
                             .bearer_auth(&api.token),
                         0 => api
@@ -491,7 +527,7 @@ async fn soak(
                             .get(format!(
                                 "{}/fhir/r4/Patient/{}",
                                 api.base,
-                                seeded[k % seeded.len()]
+                                tenant.seeded[j % tenant.seeded.len()]
                             ))
                             .bearer_auth(&api.token),
                         1 => api
@@ -501,7 +537,7 @@ async fn soak(
                             .header("content-type", "application/fhir+json")
                             .body(patient(k, "write").to_string()),
                         _ => {
-                            let event_id = format!("soak-{connection}-{k}");
+                            let event_id = format!("soak-{}-{k}", tenant.connection);
                             let body = json!({
                                 "type": "patient.changed",
                                 "patient_id": ehr_patients[k % ehr_patients.len()],
@@ -510,7 +546,7 @@ async fn soak(
                             let ts = OffsetDateTime::now_utc().unix_timestamp().to_string();
                             let signature = sign(&key, &event_id, &ts, body.as_bytes());
                             api.http
-                                .post(webhook_url.as_str())
+                                .post(tenant.webhook_url.as_str())
                                 .header("webhook-id", event_id)
                                 .header("webhook-timestamp", ts)
                                 .header("webhook-signature", signature)
@@ -557,7 +593,7 @@ async fn soak(
     let mut delivery: Vec<Vec<f32>> = vec![Vec::new(); intervals];
     let mut delivered = 0usize;
     let mut duplicates = 0usize;
-    for claim in &claims {
+    for (_, claim) in claims.iter() {
         let mut seen = std::collections::HashSet::new();
         for update in sim.claim_updates(claim) {
             let Some(id) = update.update_id else { continue };
