@@ -397,6 +397,7 @@ async fn soak(
             seeded,
         });
     }
+    let analyzer = db.stand_in_for_autovacuum(Duration::from_secs(30)).await;
     let tenants = Arc::new(tenants);
     let claims = Arc::new(claims);
     let warm_updates = (options.claims * 2) as u64;
@@ -676,6 +677,9 @@ async fn soak(
         if let Err(e) = written {
             eprintln!("soak bench: cannot write {path}: {e}");
         }
+    }
+    if let Some(task) = analyzer {
+        task.abort();
     }
     drop(gateway);
     sim.stop().await;

@@ -161,6 +161,9 @@ impl Application {
         if settings.migrate_on_start {
             store.migrate().await?;
         }
+        for warning in store.server_warnings().await {
+            tracing::warn!("{warning}");
+        }
         let master = MasterSecret::from_settings(&settings)?;
         Self::build_with_store(settings, store, &master, options).await
     }

@@ -191,6 +191,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Round trip to the database.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Server settings that will hurt the gateway, each as a fixed sentence for the operator's
+    /// log (checked once at start-up). Empty when all is well or the backend has none to check.
+    async fn server_warnings(&self) -> Vec<&'static str> {
+        Vec::new()
+    }
     /// Applies pending migrations; safe to call from several instances at once.
     async fn migrate(&self) -> Result<(), StoreError>;
     /// Which embedded migrations are applied.

@@ -289,3 +289,27 @@ async fn a_batch_of_writes_commits_whole_or_names_the_write_that_conflicts() {
         .collect();
     assert_eq!(ids, ["a", "b", "e"]);
 }
+
+#[tokio::test]
+async fn the_operator_is_warned_when_postgres_runs_without_autovacuum() {
+    let app = spawn_app().await;
+    let warnings = app.store.server_warnings().await;
+    if backend() != Backend::Postgres {
+        assert!(warnings.is_empty(), "{warnings:?}");
+        return;
+    }
+    let pg = sqlx::PgPool::connect(app.database_url.expose())
+        .await
+        .unwrap();
+    let autovacuum: String = sqlx::query_scalar("SHOW autovacuum")
+        .fetch_one(&pg)
+        .await
+        .unwrap();
+    // Whichever way this server is set, the gateway says so truthfully.
+    if autovacuum == "off" {
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("autovacuum is off"), "{warnings:?}");
+    } else {
+        assert!(warnings.is_empty(), "{warnings:?}");
+    }
+}
