@@ -12,6 +12,8 @@ pub mod config;
 pub mod crypto;
 pub mod domain;
 pub mod fhir;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gate;
 pub mod http;
 pub mod keys;

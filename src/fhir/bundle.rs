@@ -44,7 +44,7 @@ pub const MAX_ENTRIES: usize = 1_000;
 pub const MAX_BUNDLE_BYTES: usize = 32 * 1024 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Method {
+pub(crate) enum Method {
     Get,
     Post,
     Put,
@@ -72,16 +72,16 @@ impl Method {
 }
 
 /// One entry's request, checked.
-struct Entry {
-    index: usize,
-    method: Method,
-    kind: &'static Kind,
-    id: Option<ResourceId>,
-    vid: Option<i64>,
-    full_url: Option<String>,
-    resource: Option<Map<String, Value>>,
-    if_match: Option<i64>,
-    if_none_exist: Option<String>,
+pub(crate) struct Entry {
+    pub(crate) index: usize,
+    pub(crate) method: Method,
+    pub(crate) kind: &'static Kind,
+    pub(crate) id: Option<ResourceId>,
+    pub(crate) vid: Option<i64>,
+    pub(crate) full_url: Option<String>,
+    pub(crate) resource: Option<Map<String, Value>>,
+    pub(crate) if_match: Option<i64>,
+    pub(crate) if_none_exist: Option<String>,
 }
 
 impl Entry {
@@ -95,9 +95,9 @@ impl Entry {
 /// Why an entry (or, in a transaction, the whole Bundle) fails: a status and its
 /// OperationOutcome issues.
 #[derive(Debug)]
-struct Failure {
-    status: StatusCode,
-    issues: Vec<Value>,
+pub(crate) struct Failure {
+    pub(crate) status: StatusCode,
+    pub(crate) issues: Vec<Value>,
 }
 
 impl Failure {
@@ -169,45 +169,10 @@ pub async fn process(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let caller = caller(&req)?;
-    let bundle: Value = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::BadRequest(format!(
-            "the body is not JSON (line {}, column {})",
-            e.line(),
-            e.column()
-        ))
-    })?;
-    if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
-        return Err(ApiError::BadRequest(
-            "POST to the base expects a Bundle of type batch or transaction".into(),
-        ));
-    }
-    let transaction = match bundle.get("type").and_then(Value::as_str) {
-        Some("transaction") => true,
-        Some("batch") => false,
-        _ => {
-            return Err(Failure::new(
-                StatusCode::BAD_REQUEST,
-                "invalid",
-                "Bundle.type: expected batch or transaction".into(),
-                Some("Bundle.type".into()),
-            )
-            .into())
-        }
-    };
-    let raw_entries = match bundle.get("entry") {
-        None => &[][..],
-        Some(Value::Array(entries)) => entries.as_slice(),
-        Some(_) => {
-            return Err(ApiError::BadRequest(
-                "Bundle.entry: expected an array".into(),
-            ))
-        }
-    };
-    if raw_entries.len() > MAX_ENTRIES {
-        return Err(ApiError::BadRequest(format!(
-            "a Bundle may carry at most {MAX_ENTRIES} entries"
-        )));
-    }
+    let Submitted {
+        transaction,
+        entries: raw_entries,
+    } = read_bundle(&body)?;
     let base = format!("{}{FHIR_BASE}/", state.base_url);
     let parsed: Vec<Result<Entry, Failure>> = raw_entries
         .iter()
@@ -264,6 +229,60 @@ pub async fn process(
     crate::http::fhir_json(&req, StatusCode::OK, &Value::Object(response))
 }
 
+/// A batch or transaction Bundle as submitted: its type and its entries, not yet checked.
+pub(crate) struct Submitted {
+    pub(crate) transaction: bool,
+    pub(crate) entries: Vec<Value>,
+}
+
+/// Reads a `POST /fhir/r4` body: a JSON Bundle of type batch or transaction with at most
+/// [`MAX_ENTRIES`] entries.
+pub(crate) fn read_bundle(body: &[u8]) -> Result<Submitted, ApiError> {
+    let mut bundle: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "the body is not JSON (line {}, column {})",
+            e.line(),
+            e.column()
+        ))
+    })?;
+    if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        return Err(ApiError::BadRequest(
+            "POST to the base expects a Bundle of type batch or transaction".into(),
+        ));
+    }
+    let transaction = match bundle.get("type").and_then(Value::as_str) {
+        Some("transaction") => true,
+        Some("batch") => false,
+        _ => {
+            return Err(Failure::new(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                "Bundle.type: expected batch or transaction".into(),
+                Some("Bundle.type".into()),
+            )
+            .into())
+        }
+    };
+    let entries = match bundle.get_mut("entry").map(Value::take) {
+        None => Vec::new(),
+        Some(Value::Array(entries)) => entries,
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "Bundle.entry: expected an array".into(),
+            ))
+        }
+    };
+    if entries.len() > MAX_ENTRIES {
+        return Err(ApiError::BadRequest(format!(
+            "a Bundle may carry at most {MAX_ENTRIES} entries"
+        )));
+    }
+    Ok(Submitted {
+        transaction,
+        entries,
+    })
+}
+
 fn status_line(status: StatusCode) -> String {
     match status.canonical_reason() {
         Some(reason) => format!("{} {reason}", status.as_u16()),
@@ -280,7 +299,12 @@ fn parse_version_tag(text: &str) -> Option<i64> {
         .and_then(|v| v.parse().ok())
 }
 
-fn parse_entry(index: usize, raw: &Value, base: &str, caller: &Caller) -> Result<Entry, Failure> {
+pub(crate) fn parse_entry(
+    index: usize,
+    raw: &Value,
+    base: &str,
+    caller: &Caller,
+) -> Result<Entry, Failure> {
     let request = raw
         .get("request")
         .filter(|r| r.is_object())
@@ -504,32 +528,9 @@ async fn execute(
     let practice = &caller.practice_id;
     let vault = state.vault().await.map_err(|e| Failure::from_api(e, 0))?;
 
-    // One write per resource, one entry per fullUrl.
-    let mut targets = HashSet::new();
-    let mut full_urls = HashSet::new();
-    for e in &entries {
-        if let (Some(t), Method::Put | Method::Delete) = (e.target(), e.method) {
-            if !targets.insert(t) {
-                return Err(Failure::invalid(
-                    e.index,
-                    "request.url",
-                    "another entry of this Bundle writes the same resource",
-                ));
-            }
-        }
-        if let Some(u) = &e.full_url {
-            if !full_urls.insert(u.clone()) {
-                return Err(Failure::invalid(
-                    e.index,
-                    "fullUrl",
-                    "another entry of this Bundle has the same fullUrl",
-                ));
-            }
-        }
-    }
+    check_distinct(&entries)?;
 
     // Ids: POSTs get new ids (or the match of their ifNoneExist); URNs map to Type/id.
-    let mut urns: HashMap<String, String> = HashMap::new();
     let mut planned: Vec<Option<Planned>> = entries.iter().map(|_| None).collect();
     // Conditional creates hold their condition's lock until the commit (see
     // `resources::conditional_lock`), in a fixed order so two Bundles cannot deadlock.
@@ -578,68 +579,11 @@ async fn execute(
                 e.id = Some(new_resource_id());
             }
         }
-        if let (Some(url), Some(target)) = (&e.full_url, e.target()) {
-            if url.starts_with("urn:") {
-                urns.insert(url.clone(), target);
-            }
-        }
     }
+    let urns = urn_targets(&entries);
 
     // References: URNs rewritten, every reference to a served type resolved.
-    let written: HashSet<String> = entries
-        .iter()
-        .filter(|e| matches!(e.method, Method::Post | Method::Put))
-        .filter_map(Entry::target)
-        .collect();
-    let deleted: HashSet<String> = entries
-        .iter()
-        .filter(|e| e.method == Method::Delete)
-        .filter_map(Entry::target)
-        .collect();
-    let mut wanted: HashMap<&'static str, HashMap<String, String>> = HashMap::new();
-    for e in entries.iter_mut() {
-        let Some(resource) = e.resource.as_mut() else {
-            continue;
-        };
-        let mut found = Vec::new();
-        let mut path = format!("Bundle.entry[{}].resource", e.index);
-        for (key, value) in resource.iter_mut() {
-            let len = path.len();
-            path.push('.');
-            path.push_str(key);
-            rewrite_references(value, &mut path, &urns, &mut found);
-            path.truncate(len);
-        }
-        for (path, reference) in found {
-            if reference.starts_with("urn:") {
-                return Err(Failure::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "not-found",
-                    "the reference names a URN that is the fullUrl of no entry of this Bundle"
-                        .into(),
-                    Some(path),
-                ));
-            }
-            if !check_references {
-                continue;
-            }
-            let Some((ty, id)) = relative_reference(&reference) else {
-                continue;
-            };
-            if deleted.contains(&reference) {
-                return Err(Failure::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "conflict",
-                    "the reference names a resource this transaction deletes".into(),
-                    Some(path),
-                ));
-            }
-            if written.contains(&reference) {
-                continue;
-            }
-            wanted.entry(ty).or_default().entry(id).or_insert(path);
-        }
-    }
+    let wanted = resolve_references(&mut entries, &urns, check_references)?;
     for (ty, ids) in wanted {
         let query = ResourceQuery {
             practice: practice.clone(),
@@ -971,6 +915,115 @@ async fn execute(
     Ok(out)
 }
 
+/// One write per resource, one entry per fullUrl.
+pub(crate) fn check_distinct(entries: &[Entry]) -> Result<(), Failure> {
+    let mut targets = HashSet::new();
+    let mut full_urls = HashSet::new();
+    for e in entries {
+        if let (Some(t), Method::Put | Method::Delete) = (e.target(), e.method) {
+            if !targets.insert(t) {
+                return Err(Failure::invalid(
+                    e.index,
+                    "request.url",
+                    "another entry of this Bundle writes the same resource",
+                ));
+            }
+        }
+        if let Some(u) = &e.full_url {
+            if !full_urls.insert(u.clone()) {
+                return Err(Failure::invalid(
+                    e.index,
+                    "fullUrl",
+                    "another entry of this Bundle has the same fullUrl",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The `Type/id` each URN `fullUrl` stands for (entries have their ids by now).
+pub(crate) fn urn_targets(entries: &[Entry]) -> HashMap<String, String> {
+    let mut urns = HashMap::new();
+    for e in entries {
+        if let (Some(url), Some(target)) = (&e.full_url, e.target()) {
+            if url.starts_with("urn:") {
+                urns.insert(url.clone(), target);
+            }
+        }
+    }
+    urns
+}
+
+/// References the store must hold, by type: id and the element path naming it.
+pub(crate) type Wanted = HashMap<&'static str, HashMap<String, String>>;
+
+/// Rewrites every reference to a URN of `urns` in the entries' resources and refuses one to
+/// any other URN (422). With `check_references`, also refuses a reference to a resource the
+/// Bundle deletes and returns the references to served types the Bundle does not write, which
+/// must exist in the store.
+pub(crate) fn resolve_references(
+    entries: &mut [Entry],
+    urns: &HashMap<String, String>,
+    check_references: bool,
+) -> Result<Wanted, Failure> {
+    let written: HashSet<String> = entries
+        .iter()
+        .filter(|e| matches!(e.method, Method::Post | Method::Put))
+        .filter_map(Entry::target)
+        .collect();
+    let deleted: HashSet<String> = entries
+        .iter()
+        .filter(|e| e.method == Method::Delete)
+        .filter_map(Entry::target)
+        .collect();
+    let mut wanted = Wanted::new();
+    for e in entries.iter_mut() {
+        let Some(resource) = e.resource.as_mut() else {
+            continue;
+        };
+        let mut found = Vec::new();
+        let mut path = format!("Bundle.entry[{}].resource", e.index);
+        for (key, value) in resource.iter_mut() {
+            let len = path.len();
+            path.push('.');
+            path.push_str(key);
+            rewrite_references(value, &mut path, urns, &mut found);
+            path.truncate(len);
+        }
+        for (path, reference) in found {
+            if reference.starts_with("urn:") {
+                return Err(Failure::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "not-found",
+                    "the reference names a URN that is the fullUrl of no entry of this Bundle"
+                        .into(),
+                    Some(path),
+                ));
+            }
+            if !check_references {
+                continue;
+            }
+            let Some((ty, id)) = relative_reference(&reference) else {
+                continue;
+            };
+            if deleted.contains(&reference) {
+                return Err(Failure::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "conflict",
+                    "the reference names a resource this transaction deletes".into(),
+                    Some(path),
+                ));
+            }
+            if written.contains(&reference) {
+                continue;
+            }
+            wanted.entry(ty).or_default().entry(id).or_insert(path);
+        }
+    }
+    Ok(wanted)
+}
+
 fn response_entry(
     full_url: Option<String>,
     resource: Option<Value>,
@@ -1017,7 +1070,7 @@ fn entry_event(
 
 /// What an entry that could not be parsed asked for, as far as it can be told: the
 /// interaction, a served resource type and a valid id.
-fn unparsed_request(raw: &Value) -> (Action, Option<&'static str>, Option<ResourceId>) {
+pub(crate) fn unparsed_request(raw: &Value) -> (Action, Option<&'static str>, Option<ResourceId>) {
     let request = raw.get("request");
     let text = |name: &str| request.and_then(|r| r.get(name)).and_then(Value::as_str);
     let url = text("url").unwrap_or_default();

@@ -67,7 +67,7 @@ impl OAuthError {
         self.code
     }
 
-    fn response(&self) -> HttpResponse {
+    pub(crate) fn response(&self) -> HttpResponse {
         let mut res = HttpResponse::build(self.status);
         res.insert_header((header::CACHE_CONTROL, "no-store"))
             .insert_header((header::PRAGMA, "no-cache"));
@@ -160,6 +160,68 @@ async fn exchange(
             "the body must be application/x-www-form-urlencoded",
         ));
     }
+    let AssertionRequest {
+        assertion,
+        requested,
+        alg,
+        kid,
+        client_id,
+    } = read_request(body)?;
+    let client = state.store.get_client(&client_id).await?;
+    req.extensions_mut().insert(AuditActor {
+        client_id: client.client_id.clone(),
+        practice_id: client.practice_id.clone(),
+        role: client.role.as_str(),
+    });
+    if client.status != ClientStatus::Active {
+        return Err(OAuthError::client("the client is disabled"));
+    }
+
+    let key = decoding_key(state, &client.keys(), &kid, alg).await?;
+    let Verified { exp, jti } =
+        verify_assertion(&assertion, alg, &key, &state.gate.token_url, &client_id)?;
+    // Remember the jti until the assertion expires; a second use is a replay.
+    let fresh = state
+        .store
+        .remember_assertion(&client.practice_id, &client_id, &jti, exp + LEEWAY_SECS)
+        .await?;
+    if !fresh {
+        return Err(OAuthError::client("client_assertion jti was already used"));
+    }
+
+    let allowed = ScopeSet::parse(&client.scope).unwrap_or_default();
+    let granted = allowed.grant(&requested);
+    if granted.is_empty() {
+        return Err(OAuthError::scope(
+            "none of the requested scopes is allowed for this client",
+        ));
+    }
+    let issued = state
+        .gate
+        .tokens
+        .issue(&client_id, &client.practice_id, client.role, &granted)
+        .map_err(|_| OAuthError::unavailable())?;
+    Ok(json!({
+        "access_token": issued.token,
+        "token_type": "bearer",
+        "expires_in": issued.expires_in,
+        "scope": granted.to_string(),
+    }))
+}
+
+/// What a token request asks for, read from its form before any key is looked up. Nothing in
+/// it is trusted until the assertion verifies; `client_id` only says whose keys to try.
+pub(crate) struct AssertionRequest {
+    pub(crate) assertion: String,
+    pub(crate) requested: ScopeSet,
+    pub(crate) alg: Algorithm,
+    pub(crate) kid: String,
+    pub(crate) client_id: String,
+}
+
+/// Reads a token request's form: the grant and assertion types, the scopes asked for, and the
+/// assertion's header (alg, kid) and unverified `iss`/`sub`.
+pub(crate) fn read_request(body: &[u8]) -> Result<AssertionRequest, OAuthError> {
     let form = TokenForm::parse(body);
     match form.grant_type.as_deref() {
         Some("client_credentials") => {}
@@ -179,7 +241,6 @@ async fn exchange(
     }
     let assertion = form
         .client_assertion
-        .as_deref()
         .filter(|a| !a.is_empty() && a.len() <= MAX_ASSERTION_BYTES)
         .ok_or_else(|| OAuthError::client("client_assertion is missing or too large"))?;
     let requested = ScopeSet::parse(form.scope.as_deref().unwrap_or_default())
@@ -188,7 +249,7 @@ async fn exchange(
         return Err(OAuthError::scope("request at least one system/ scope"));
     }
 
-    let head = jsonwebtoken::decode_header(assertion)
+    let head = jsonwebtoken::decode_header(&assertion)
         .map_err(|_| OAuthError::client("client_assertion is not a JWT"))?;
     if !matches!(head.alg, Algorithm::RS384 | Algorithm::ES384) {
         return Err(OAuthError::client(
@@ -199,30 +260,43 @@ async fn exchange(
         .kid
         .ok_or_else(|| OAuthError::client("client_assertion header needs a kid"))?;
     // Only to find the client whose keys verify it; nothing is trusted before verification.
-    let unverified = jsonwebtoken::dangerous::insecure_decode::<UnverifiedClaims>(assertion)
+    let unverified = jsonwebtoken::dangerous::insecure_decode::<UnverifiedClaims>(&assertion)
         .map_err(|_| OAuthError::client("client_assertion claims are malformed"))?
         .claims;
     let client_id = match (unverified.iss, unverified.sub) {
         (Some(iss), Some(sub)) if iss == sub && !iss.is_empty() && iss.len() <= 128 => iss,
         _ => return Err(OAuthError::client("iss and sub must both be the client id")),
     };
-    let client = state.store.get_client(&client_id).await?;
-    req.extensions_mut().insert(AuditActor {
-        client_id: client.client_id.clone(),
-        practice_id: client.practice_id.clone(),
-        role: client.role.as_str(),
-    });
-    if client.status != ClientStatus::Active {
-        return Err(OAuthError::client("the client is disabled"));
-    }
+    Ok(AssertionRequest {
+        assertion,
+        requested,
+        alg: head.alg,
+        kid,
+        client_id,
+    })
+}
 
-    let key = decoding_key(state, &client.keys(), &kid, head.alg).await?;
-    let mut validation = Validation::new(head.alg);
-    validation.set_audience(&[&state.gate.token_url]);
-    validation.set_issuer(&[&client_id]);
+/// What a verified assertion leaves to check against the store.
+pub(crate) struct Verified {
+    pub(crate) exp: u64,
+    pub(crate) jti: String,
+}
+
+/// Verifies an assertion with the client's `key`: signature, `aud` (this endpoint's URL),
+/// `iss` and `sub` (the client), `exp` (with leeway, at most five minutes ahead) and a `jti`.
+pub(crate) fn verify_assertion(
+    assertion: &str,
+    alg: Algorithm,
+    key: &DecodingKey,
+    token_url: &str,
+    client_id: &str,
+) -> Result<Verified, OAuthError> {
+    let mut validation = Validation::new(alg);
+    validation.set_audience(&[token_url]);
+    validation.set_issuer(&[client_id]);
     validation.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
     validation.leeway = LEEWAY_SECS;
-    let claims = jsonwebtoken::decode::<AssertionClaims>(assertion, &key, &validation)
+    let claims = jsonwebtoken::decode::<AssertionClaims>(assertion, key, &validation)
         .map_err(|e| {
             use jsonwebtoken::errors::ErrorKind;
             match e.kind() {
@@ -250,38 +324,10 @@ async fn exchange(
         .jti
         .filter(|j| !j.is_empty() && j.len() <= 256)
         .ok_or_else(|| OAuthError::client("client_assertion needs a jti"))?;
-    // Remember the jti until the assertion expires; a second use is a replay.
-    let fresh = state
-        .store
-        .remember_assertion(
-            &client.practice_id,
-            &client_id,
-            &jti,
-            claims.exp + LEEWAY_SECS,
-        )
-        .await?;
-    if !fresh {
-        return Err(OAuthError::client("client_assertion jti was already used"));
-    }
-
-    let allowed = ScopeSet::parse(&client.scope).unwrap_or_default();
-    let granted = allowed.grant(&requested);
-    if granted.is_empty() {
-        return Err(OAuthError::scope(
-            "none of the requested scopes is allowed for this client",
-        ));
-    }
-    let issued = state
-        .gate
-        .tokens
-        .issue(&client_id, &client.practice_id, client.role, &granted)
-        .map_err(|_| OAuthError::unavailable())?;
-    Ok(json!({
-        "access_token": issued.token,
-        "token_type": "bearer",
-        "expires_in": issued.expires_in,
-        "scope": granted.to_string(),
-    }))
+    Ok(Verified {
+        exp: claims.exp,
+        jti,
+    })
 }
 
 /// The client's verifying key with `kid` for `alg`; a JWKS URL is re-fetched once when the kid
@@ -313,6 +359,16 @@ async fn decoding_key(
             }
             None => return Err(no_key()),
         };
+    key_in_set(&set, kid, alg)
+}
+
+/// The key with `kid` of a client's JWKS, if it may verify `alg`.
+pub(crate) fn key_in_set(
+    set: &JwkSet,
+    kid: &str,
+    alg: Algorithm,
+) -> Result<DecodingKey, OAuthError> {
+    let no_key = || OAuthError::client("no key of the client matches the assertion's kid");
     let jwk = set.find(kid).ok_or_else(no_key)?;
     // A key published for another algorithm must not verify this one.
     if let Some(key_alg) = jwk.common.key_algorithm {

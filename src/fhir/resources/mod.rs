@@ -300,7 +300,7 @@ async fn read(
 
 /// Parses a request body as a JSON resource of `kind` and checks it: JSON, `resourceType`,
 /// and the structure of the type.
-fn parse_body(kind: &Kind, body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+pub(crate) fn parse_body(kind: &Kind, body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| ApiError::Invalid {
         status: 400,
         issues: vec![serde_json::json!({

@@ -417,6 +417,18 @@ pub(crate) struct Plan {
     includes: Vec<&'static Param>,
 }
 
+impl Plan {
+    /// Whether a decrypted resource passes the checks the index could only narrow down.
+    pub(crate) fn matches(&self, resource: &Value) -> bool {
+        self.residual.iter().all(|r| r.matches(resource))
+    }
+
+    /// Entries per page (0 for `_summary=count`), at most [`MAX_COUNT`].
+    pub(crate) fn count(&self) -> i64 {
+        self.count
+    }
+}
+
 pub(crate) fn parse_count(value: &str) -> Result<i64, ApiError> {
     value
         .parse::<i64>()
@@ -431,7 +443,7 @@ fn bad(name: &str, rule: &str) -> ApiError {
 }
 
 /// Parses search parameters into a plan. Unknown parameters are refused unless `lenient`.
-fn plan(
+pub(crate) fn plan(
     kind: &Kind,
     vault: &PhiVault,
     params: &[(String, String)],
@@ -775,14 +787,14 @@ fn plan_param(
 
 /// Where a page starts: after (or, going back, before) the row with this sort key.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Cursor {
+pub(crate) struct Cursor {
     backward: bool,
     last_updated_us: i64,
     id: String,
 }
 
 impl Cursor {
-    fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let raw = format!(
             "{}{}:{}",
             if self.backward { 'p' } else { 'n' },
@@ -792,7 +804,7 @@ impl Cursor {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
     }
 
-    fn decode(text: &str) -> Option<Self> {
+    pub(crate) fn decode(text: &str) -> Option<Self> {
         let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(text)
             .ok()?;
@@ -870,7 +882,7 @@ async fn scan(
         for v in batch {
             query.after = Some((v.last_updated_us, v.id.clone()));
             let resource = parse_resource(vault, &query.practice, &v)?;
-            if plan.residual.iter().all(|r| r.matches(&resource)) && !take(v, resource) {
+            if plan.matches(&resource) && !take(v, resource) {
                 return Ok(());
             }
         }

@@ -1,0 +1,6 @@
+//! See `fhirgate::fuzzing::transaction_bundle`.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| fhirgate::fuzzing::transaction_bundle(data));

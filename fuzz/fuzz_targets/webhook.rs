@@ -1,0 +1,6 @@
+//! See `fhirgate::fuzzing::webhook`.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| fhirgate::fuzzing::webhook(data));
