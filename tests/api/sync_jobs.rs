@@ -369,14 +369,22 @@ async fn sync_run_and_status_on_the_command_line_and_the_jobs_api() {
     let admin = session(&app, "system/Patient.rs", Role::PracticeAdmin).await;
     let practice = ResourceId::parse("practice", admin.practice_id.as_str()).unwrap();
     let (_sim, connection) = connect(&app.store, &practice, 25, Some("0 30 3 * * *")).await;
+    // The simulator's server runs on this test's runtime: waiting for the child on a blocking
+    // thread keeps the runtime turning while the child talks to the simulator.
     let cli = |args: &[&str]| {
-        run(fhirgate()
+        let mut command = fhirgate();
+        command
             .args(args)
             .env("FHIRGATE_DATABASE_URL", app.database_url.expose())
             .env("FHIRGATE_MASTER_KEY", master_key())
-            .env("FHIRGATE_SYNC__COVERAGE", "false"))
+            .env("FHIRGATE_SYNC__COVERAGE", "false");
+        async move {
+            tokio::task::spawn_blocking(move || run(&mut command))
+                .await
+                .unwrap()
+        }
     };
-    let out = cli(&["sync", "run", "--connection", &connection]);
+    let out = cli(&["sync", "run", "--connection", &connection]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -384,7 +392,7 @@ async fn sync_run_and_status_on_the_command_line_and_the_jobs_api() {
     assert_eq!(printed["started_by"], "manual");
     assert_eq!(printed["created"], 25);
 
-    let out = cli(&["sync", "status", "--practice", practice.as_str()]);
+    let out = cli(&["sync", "status", "--practice", practice.as_str()]).await;
     assert!(out.status.success());
     let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -397,7 +405,7 @@ async fn sync_run_and_status_on_the_command_line_and_the_jobs_api() {
     assert!(lines[0]["watermark"].is_string());
     assert!(lines[0]["next_run"].as_str().unwrap().contains("T03:30:00"));
 
-    let out = cli(&["sync", "run", "--connection", "no-such-connection"]);
+    let out = cli(&["sync", "run", "--connection", "no-such-connection"]).await;
     assert_eq!(out.status.code(), Some(2));
 
     let res = app
