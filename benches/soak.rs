@@ -28,9 +28,16 @@
 //! with its own client and its own connection to the one simulated EHR: a gateway serves many
 //! practices, and each practice's audited writes take turns on that practice's audit chain.
 //!
+//! `BENCH_SOAK_SCALE` (default 1) multiplies the four rates, keeping the mix: the rates a machine
+//! holds are found with it. Each stream keeps at most `BENCH_SOAK_MAX_INFLIGHT` (2,000) requests
+//! open, waiting behind schedule past that (the wait counts in the latency), and the client gives
+//! a request `BENCH_SOAK_TIMEOUT_SECS` (10) to be answered: an overloaded gateway shows as late
+//! answers and timeouts, not as the load generator running out of file descriptors.
+//!
 //! An error is any answer other than the expected 2xx, or no answer. Per interval it prints each
-//! stream's achieved rate and p99, the errors, the inbox and outbox backlog and the gateway's RSS;
-//! `BENCH_SOAK_CSV=path` also writes the rows as CSV. Exits 1 when more than 0.1% of requests
+//! stream's achieved rate and p99, the errors, the inbox and outbox backlog, the gateway's RSS and
+//! where the CPU went (the gateway, PostgreSQL, this process with the load and the simulator, the
+//! whole host; % of one core); `BENCH_SOAK_CSV=path` also writes the rows as CSV. Exits 1 when more than 0.1% of requests
 //! failed, or a pushed update was lost or applied twice.
 
 #[path = "support/mod.rs"]
@@ -68,9 +75,16 @@ const STREAMS: [&str; 4] = ["reads", "writes", "webhooks", "pushes"];
 struct Options {
     seconds: u64,
     interval: u64,
+    /// The bench's target rates times `BENCH_SOAK_SCALE`.
     rates: [u64; 4],
+    scale: f64,
     claims: usize,
     practices: usize,
+    /// Requests a stream keeps open at most; past it the stream waits for an answer (and the
+    /// wait counts in the latency, which runs from the scheduled time).
+    max_inflight: usize,
+    /// The client's timeout: a request unanswered by then is a failure, "timed out".
+    timeout: Duration,
 }
 
 /// One practice of the load: its client, its connection to the EHR, the patients its reads read.
@@ -97,12 +111,21 @@ fn options() -> Result<Options, String> {
     if seconds == 0 || interval == 0 || seconds > 3000 {
         return Err("BENCH_SOAK_SECONDS must be 1 to 3000, BENCH_SOAK_INTERVAL at least 1".into());
     }
+    let scale = match std::env::var("BENCH_SOAK_SCALE") {
+        Ok(v) => v
+            .parse::<f64>()
+            .ok()
+            .filter(|s| *s > 0.0 && *s <= 10.0)
+            .ok_or("BENCH_SOAK_SCALE must be a number above 0, at most 10")?,
+        Err(_) => 1.0,
+    };
     let rates = [
         env_number("BENCH_SOAK_READ_RATE", 200)?,
         env_number("BENCH_SOAK_WRITE_RATE", 50)?,
         env_number("BENCH_SOAK_WEBHOOK_RATE", 500)?,
         env_number("BENCH_SOAK_PUSH_RATE", 200)?,
-    ];
+    ]
+    .map(|r| (r as f64 * scale).round() as u64);
     // Each claim gets a change every `claims / push rate` seconds: long enough for the previous
     // one to be answered at any sane latency.
     let claims = env_number("BENCH_SOAK_CLAIMS", (rates[3] * 2).max(1))? as usize;
@@ -112,12 +135,17 @@ fn options() -> Result<Options, String> {
     if practices == 0 || practices > 64 {
         return Err("BENCH_SOAK_PRACTICES must be 1 to 64".into());
     }
+    let max_inflight = env_number("BENCH_SOAK_MAX_INFLIGHT", 2000)?.max(1) as usize;
+    let timeout = Duration::from_secs(env_number("BENCH_SOAK_TIMEOUT_SECS", 10)?.max(1));
     Ok(Options {
         seconds,
         interval,
         rates,
+        scale,
         claims: claims.max(practices),
         practices,
+        max_inflight,
+        timeout,
     })
 }
 
@@ -143,7 +171,7 @@ struct Samples {
     ok: Vec<[Vec<f32>; 4]>,
     /// `[interval][stream]` failures.
     failed: Vec<[u64; 4]>,
-    /// Failures by stream and HTTP status (0: no answer, or the body was cut off).
+    /// Failures by stream and HTTP status (`NO_ANSWER`, `TIMED_OUT` or the status).
     causes: std::collections::BTreeMap<(usize, u16), u64>,
 }
 
@@ -163,12 +191,88 @@ impl Samples {
     }
 }
 
+/// A failure without a status: no connection, or the connection or the body was cut off.
+const NO_ANSWER: u16 = 0;
+/// A failure without a status: the client's timeout (`BENCH_SOAK_TIMEOUT_SECS`) ran out.
+const TIMED_OUT: u16 = 1;
+
+fn cause(status: u16) -> String {
+    match status {
+        NO_ANSWER => "no answer".into(),
+        TIMED_OUT => "timed out".into(),
+        s => s.to_string(),
+    }
+}
+
 /// What the sampler saw at the end of an interval.
 #[derive(Clone, Copy, Default)]
 struct Gauges {
     rss_mib: f64,
     inbox: i64,
     outbox: i64,
+    /// CPU used in the interval, in % of one core: the gateway's process, PostgreSQL's
+    /// processes (0 on SQLite), this process (load generator and simulator) and the whole host.
+    cpu: [f64; 4],
+}
+
+/// CPU time so far (clock ticks) of one process: utime + stime of `/proc/{pid}/stat`.
+fn process_ticks(pid: &str) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // The fields after the command, which is in parentheses and may hold spaces.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the command.
+    tick(11) + tick(12)
+}
+
+/// CPU time so far of every process named `postgres` (the server and its backends).
+fn postgres_ticks() -> u64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|pid| pid.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim() == "postgres")
+        })
+        .map(|pid| process_ticks(&pid))
+        .sum()
+}
+
+/// Busy CPU time so far of the whole host: all of `/proc/stat`'s cpu line but idle and iowait.
+fn host_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().next() else {
+        return 0;
+    };
+    line.split_whitespace()
+        .skip(1)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .filter_map(|(_, f)| f.parse::<u64>().ok())
+        .sum()
+}
+
+/// `[gateway, postgres, bench, host]` CPU ticks so far.
+fn cpu_ticks(gateway: u32) -> [u64; 4] {
+    [
+        process_ticks(&gateway.to_string()),
+        postgres_ticks(),
+        process_ticks("self"),
+        host_ticks(),
+    ]
 }
 
 fn p99(values: &mut [f32]) -> f32 {
@@ -313,6 +417,7 @@ async fn soak(
     .map_err(|e| format!("cannot open the bench database: {e}"))?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
+        .timeout(options.timeout)
         .build()
         .map_err(|e| e.to_string())?;
     // The EHR, shared by every practice's connection to it (each with a webhook secret).
@@ -410,12 +515,15 @@ async fn soak(
     }
 
     println!(
-        "nproc={} backend={} practices={} seconds={} interval={} rates/s: reads={} writes={} webhooks={} pushes={} claims={}",
+        "nproc={} backend={} practices={} seconds={} interval={} scale={} max_inflight={} timeout={}s rates/s: reads={} writes={} webhooks={} pushes={} claims={}",
         std::thread::available_parallelism().map_or(1, |n| n.get()),
         db.backend(),
         options.practices,
         options.seconds,
         options.interval,
+        options.scale,
+        options.max_inflight,
+        options.timeout.as_secs(),
         options.rates[0],
         options.rates[1],
         options.rates[2],
@@ -439,14 +547,23 @@ async fn soak(
         let pid = gateway.child.id();
         tokio::spawn(async move {
             let mut out = Vec::with_capacity(intervals);
+            let mut ticks = cpu_ticks(pid);
+            let mut at = tokio::time::Instant::now();
             for i in 1..=intervals {
                 let end = (interval * i as u32).min(run_for);
                 tokio::time::sleep_until(started + end).await;
+                let now_ticks = cpu_ticks(pid);
+                // /proc counts in USER_HZ ticks, 100 a second on Linux.
+                let seconds = at.elapsed().as_secs_f64().max(0.001);
+                let cpu =
+                    std::array::from_fn(|k| now_ticks[k].saturating_sub(ticks[k]) as f64 / seconds);
+                (ticks, at) = (now_ticks, tokio::time::Instant::now());
                 let (inbox, outbox) = backlog(&*store).await;
                 out.push(Gauges {
                     rss_mib: rss_mib(pid),
                     inbox,
                     outbox,
+                    cpu,
                 });
             }
             out
@@ -464,6 +581,7 @@ async fn soak(
         let (tenants, ehr_patients, claims) =
             (tenants.clone(), ehr_patients.clone(), claims.clone());
         let key = Arc::new(signing_key(SECRET).expect("a valid secret"));
+        let slots = Arc::new(tokio::sync::Semaphore::new(options.max_inflight));
         streams.spawn(async move {
             let mut inflight = tokio::task::JoinSet::new();
             // Pushes: one task per claim, each taking its turns in order (a claim's next change
@@ -491,13 +609,16 @@ async fn soak(
                                     step += 1;
                                 }
                                 Err(e) => {
-                                    // `Api::post` says "path: 503 Service Unavailable".
-                                    let status = e
-                                        .rsplit(": ")
-                                        .next()
-                                        .and_then(|s| s.get(..3))
-                                        .and_then(|s| s.parse().ok())
-                                        .unwrap_or(0);
+                                    // `Api::post` says "path: 503 Service Unavailable", or
+                                    // "path: timed out".
+                                    let tail = e.rsplit(": ").next().unwrap_or_default();
+                                    let status = if tail == "timed out" {
+                                        TIMED_OUT
+                                    } else {
+                                        tail.get(..3)
+                                            .and_then(|s| s.parse().ok())
+                                            .unwrap_or(NO_ANSWER)
+                                    };
                                     samples.lock().unwrap().record(i, 3, Err(status))
                                 }
                             }
@@ -554,6 +675,13 @@ async fn soak(
                                 .body(body)
                         }
                     };
+                    // At most `max_inflight` open: past it the stream waits here, behind schedule,
+                    // and the requests it sends late count their wait (latency runs from `due`).
+                    let Ok(slot) = slots.clone().acquire_owned().await else {
+                        break;
+                    };
+                    let failure =
+                        |e: reqwest::Error| if e.is_timeout() { TIMED_OUT } else { NO_ANSWER };
                     inflight.spawn(async move {
                         let outcome = match request.send().await {
                             Ok(res) => {
@@ -562,11 +690,12 @@ async fn soak(
                                 match (res.bytes().await, status.is_success()) {
                                     (Ok(_), true) => Ok(()),
                                     (Ok(_), false) => Err(status.as_u16()),
-                                    (Err(_), _) => Err(0),
+                                    (Err(e), _) => Err(failure(e)),
                                 }
                             }
-                            Err(_) => Err(0),
+                            Err(e) => Err(failure(e)),
                         };
+                        drop(slot);
                         let ms = due.elapsed().as_secs_f32() * 1000.0;
                         samples
                             .lock()
@@ -612,10 +741,10 @@ async fn soak(
     // The table.
     let mut samples = std::mem::take(&mut *samples.lock().unwrap());
     let mut csv = String::from(
-        "interval_end_s,reads_per_s,reads_p99_ms,writes_per_s,writes_p99_ms,webhooks_per_s,webhooks_p99_ms,pushes_per_s,pushes_p99_ms,delivery_p99_ms,errors,inbox_backlog,outbox_backlog,gateway_rss_mib\n",
+        "interval_end_s,reads_per_s,reads_p99_ms,writes_per_s,writes_p99_ms,webhooks_per_s,webhooks_p99_ms,pushes_per_s,pushes_p99_ms,delivery_p99_ms,errors,inbox_backlog,outbox_backlog,gateway_rss_mib,gateway_cpu_pct,postgres_cpu_pct,bench_cpu_pct,host_cpu_pct\n",
     );
-    println!("| until s | reads/s | p99 ms | writes/s | p99 ms | webhooks/s | p99 ms | pushes/s | p99 ms | deliv p99 ms | errors | inbox | outbox | RSS MiB |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| until s | reads/s | p99 ms | writes/s | p99 ms | webhooks/s | p99 ms | pushes/s | p99 ms | deliv p99 ms | errors | inbox | outbox | RSS MiB | CPU % gw / pg / bench / host |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let (mut total_ok, mut total_failed) = (0u64, 0u64);
     for (i, delivered_in) in delivery.iter_mut().enumerate() {
         let start = interval.as_secs_f64() * i as f64;
@@ -639,7 +768,9 @@ async fn soak(
         row.push(g.inbox.to_string());
         row.push(g.outbox.to_string());
         row.push(format!("{:.0}", g.rss_mib));
-        println!("| {} |", row.join(" | "));
+        let cpu = g.cpu.map(|c| format!("{c:.0}"));
+        println!("| {} | {} |", row.join(" | "), cpu.join(" / "));
+        row.extend(cpu);
         csv.push_str(&row.join(","));
         csv.push('\n');
     }
@@ -668,9 +799,9 @@ async fn soak(
         let causes: Vec<String> = samples
             .causes
             .iter()
-            .map(|((s, status), n)| format!("{} {status}: {n}", STREAMS[*s]))
+            .map(|((s, status), n)| format!("{} {}: {n}", STREAMS[*s], cause(*status)))
             .collect();
-        println!("failures by status (0 = no answer): {}", causes.join(", "));
+        println!("failures by cause: {}", causes.join(", "));
     }
     if let Ok(path) = std::env::var("BENCH_SOAK_CSV") {
         let written = std::fs::File::create(&path).and_then(|mut f| f.write_all(csv.as_bytes()));

@@ -26,9 +26,9 @@ impl Api {
             .body(body.to_string())
             .send()
             .await
-            .map_err(|e| format!("{path}: {e}"))?;
+            .map_err(|e| failed(path, &e))?;
         let status = res.status();
-        let body: Value = res.json().await.map_err(|e| format!("{path}: {e}"))?;
+        let body: Value = res.json().await.map_err(|e| failed(path, &e))?;
         if status.is_success() {
             Ok(body)
         } else {
@@ -67,6 +67,15 @@ impl Api {
             .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok())
             .ok_or("no updated_at")?;
         Ok((id, at))
+    }
+}
+
+/// "path: error", "path: timed out" when the client's timeout ran out (the soak bench counts those).
+fn failed(path: &str, e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        format!("{path}: timed out")
+    } else {
+        format!("{path}: {e}")
     }
 }
 
