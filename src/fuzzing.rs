@@ -313,8 +313,9 @@ pub const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 /// `POST /webhooks/{connection}`: the input is `webhook-id`, `webhook-timestamp` and
 /// `webhook-signature` (or an `Authorization` value), one a line, then the body. The signature
 /// must match exactly when one of its `v1,` entries is the request's signature; the body is
-/// parsed as a signed generic event and as a FHIR subscription notification, and what would be
-/// sealed into the inbox reads back.
+/// parsed as a signed generic event and as a FHIR subscription notification, which queues each
+/// patient once and at most one pull, and what would be sealed into the inbox reads back within
+/// a bound set by the body.
 pub fn webhook(data: &[u8]) {
     let parts: Vec<&[u8]> = data.splitn(4, |b| *b == b'\n').collect();
     let line = |i: usize| String::from_utf8_lossy(parts.get(i).copied().unwrap_or_default());
@@ -368,12 +369,19 @@ fn check_notification(parsed: &Notification, body: &[u8]) {
         assert!(mark.first.is_none_or(|first| first <= mark.through));
     }
     let mut carried = 0;
+    let mut patients = std::collections::HashSet::new();
+    let mut resyncs = 0;
     for event in &parsed.events {
         assert!(!event.event_id.is_empty());
         let EventAction::Patient { ehr_id, resource } = &event.action else {
+            resyncs += 1;
             continue;
         };
         ResourceId::parse("patient", ehr_id.as_str()).expect("a patient id is a FHIR id");
+        assert!(
+            patients.insert(ehr_id.as_str()),
+            "a notification queues each patient once"
+        );
         // What the inbox row seals, and what the worker opens.
         let sealed = serde_json::to_vec(&PatientEvent {
             patient_id: ehr_id.clone(),
@@ -385,6 +393,7 @@ fn check_notification(parsed: &Notification, body: &[u8]) {
         assert_eq!(&opened.patient_id, ehr_id);
         assert_eq!(&opened.resource, resource);
     }
+    assert!(resyncs <= 1, "a notification queues at most one pull");
     assert!(
         carried <= 2 * body.len() + 256 * parsed.events.len(),
         "the inbox rows of a notification are bounded by its body"

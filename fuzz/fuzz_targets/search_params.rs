@@ -3,4 +3,6 @@
 
 use libfuzzer_sys::fuzz_target;
 
+mod alloc_limit;
+
 fuzz_target!(|data: &[u8]| fhirgate::fuzzing::search_params(data));

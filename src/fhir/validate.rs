@@ -111,6 +111,15 @@ pub fn validate(expected_type: &str, resource: &Value) -> Result<(), Vec<Issue>>
             code: IssueCode::Structure,
         }]);
     }
+    if expected_type.starts_with('_') || !de::is_element_name(expected_type) {
+        // Every expression below starts with the type's name: one not shaped like a FHIR name
+        // is the caller's (or the body's) text, which must not be echoed.
+        return Err(vec![Issue {
+            path: "resourceType".into(),
+            message: model::NOT_A_RESOURCE_TYPE.into(),
+            code: IssueCode::Structure,
+        }]);
+    }
     let root = Path::Root {
         name: expected_type,
         prefix: &[],

@@ -670,6 +670,73 @@ async fn fhir_subscription_notifications_are_answered_and_their_patients_upserte
     assert_eq!(fhir_body(res).await["total"], 4);
 }
 
+/// A notification naming one patient in 2,000 events (which a fuzzer found queued 2,000 rows,
+/// each sealing its own copy of the carried Patient, and fetched the patient 2,000 times).
+#[tokio::test]
+async fn a_notification_naming_one_patient_in_2000_events_queues_and_fetches_it_once() {
+    let h = hooked(FAST, 3).await;
+    let (app, conn) = (&h.app, h.connection.as_str());
+    let ids = h.sim.patient_ids();
+    let ehr_requests = || h.sim.controls().counters().fhir_requests;
+
+    // What one event for one patient costs the EHR.
+    let before = ehr_requests();
+    let one = r4b_notification("event-notification", 1, &[(1, &ids[0])], &[]);
+    assert_eq!(
+        answer(post_fhir(app, conn, SECRET, &one).await).await.0,
+        202
+    );
+    settled(app, conn, 1).await;
+    let one_event = ehr_requests() - before;
+
+    // Events 2 to 2001, all on the second patient (id-only: fetched from the EHR).
+    let many: Vec<(u64, &str)> = (2..=2001).map(|n| (n, ids[1].as_str())).collect();
+    let id_only = r4b_notification("event-notification", 2001, &many, &[]);
+    let before = ehr_requests();
+    let (status, said) = answer(post_fhir(app, conn, SECRET, &id_only).await).await;
+    assert_eq!(
+        (status, said.as_str()),
+        (202, "accepted: 1 event(s) queued")
+    );
+    let done = settled(app, conn, 2).await;
+    assert_eq!(done.len(), 2, "{done:#?}");
+    assert!(done.iter().all(|r| r.status == "done"), "{done:#?}");
+    assert_eq!(
+        ehr_requests() - before,
+        one_event,
+        "the patient was fetched more than once"
+    );
+    assert_eq!(versions(app, &h.practice, conn, &ids[1]).await, 1);
+
+    // Events 2002 to 4001 on the third patient, carried in the notification: stored once, from
+    // the payload.
+    let mut carried = h.sim.patient(&ids[2]).unwrap();
+    carried["name"][0]["family"] = json!("Carriedonce");
+    let many: Vec<(u64, &str)> = (2002..=4001).map(|n| (n, ids[2].as_str())).collect();
+    let full = r4b_notification("event-notification", 4001, &many, &[carried]);
+    let before = ehr_requests();
+    let (status, said) = answer(post_fhir(app, conn, SECRET, &full).await).await;
+    assert_eq!(
+        (status, said.as_str()),
+        (202, "accepted: 1 event(s) queued")
+    );
+    assert_eq!(settled(app, conn, 3).await.len(), 3);
+    // The EHR is asked for the patient's coverage, once: one request fewer than an id-only event.
+    assert_eq!(ehr_requests() - before, one_event - 1);
+    let stored = found(app, &h.session.token, conn, &ids[2]).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0]["name"][0]["family"], "Carriedonce");
+    assert_eq!(versions(app, &h.practice, conn, &ids[2]).await, 1);
+
+    // Delivered again, either is recognised as received.
+    for body in [&id_only, &full] {
+        let (status, said) = answer(post_fhir(app, conn, SECRET, body).await).await;
+        assert_eq!(status, 202);
+        assert!(said.starts_with("nothing new to queue"), "{said}");
+    }
+    assert_eq!(rows(app, conn).await.len(), 3);
+}
+
 #[tokio::test]
 async fn a_gap_in_event_numbers_queues_a_pull_that_recovers_the_missed_patients() {
     let h = hooked(FAST, 12).await;

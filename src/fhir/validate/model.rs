@@ -314,7 +314,7 @@ pub(super) fn check_choice(
     }
 }
 
-const NOT_A_RESOURCE_TYPE: &str = "not a resource type of FHIR R4B";
+pub(super) const NOT_A_RESOURCE_TYPE: &str = "not a resource type of FHIR R4B";
 
 /// Turns a deserialization error into issues, looking again where serde had buffered.
 fn refine(error: Error, root: &str, top: &Value, issues: &mut Issues) {

@@ -723,6 +723,20 @@ fn a_type_fhir_sdk_does_not_model_is_not_supported() {
 }
 
 #[test]
+fn a_type_name_not_shaped_like_fhirs_is_refused_without_quoting_it() {
+    // Found by the fhir_resource fuzz target: the name opened every expression of the issues.
+    for name in ["p.heuvel@gmail.com", "Zq7 Name", "_Patient", "Ünïcode"] {
+        let issues = validate(name, &json!({ "resourceType": name, "text": {} })).unwrap_err();
+        assert_eq!(issues.len(), 1, "{name}");
+        assert_eq!(
+            (issues[0].path.as_str(), issues[0].code),
+            ("resourceType", IssueCode::Structure)
+        );
+        assert!(!issues[0].to_outcome_issue().to_string().contains(name));
+    }
+}
+
+#[test]
 fn the_resource_type_list_is_fhir_sdks() {
     use fhir_sdk::r4b::resources::ResourceType;
     for name in model::RESOURCE_TYPES {

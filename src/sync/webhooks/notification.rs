@@ -1,10 +1,14 @@
 //! What a webhook request proves and says, as pure functions of its headers and body:
 //! authentication (the Standard Webhooks signature, or the FHIR subscription's bearer token) and
 //! parsing into the events to queue (a generic `patient.changed` event; an R4 rest-hook Patient
-//! or id-only ping; an R4B/R5 or R4-backport notification Bundle).
+//! or id-only ping; an R4B/R5 or R4-backport notification Bundle). A notification queues each
+//! patient it names once, however many of its events name it, so its inbox rows (and the EHR
+//! fetches they cost) are bounded by the patients it names, not by its events.
 //!
 //! Nothing here logs, and no error carries a value from the request: errors are fixed phrases
 //! naming the rule broken (a patient id or name must never reach a log or a client's error).
+
+use std::collections::HashMap;
 
 use base64::Engine;
 use hmac::{Hmac, Mac};
@@ -374,6 +378,9 @@ fn patient_of(reference: &str) -> Option<&str> {
     segments.get(at + 1).copied().filter(|id| fhir_id(id))
 }
 
+/// A followed patient's EHR id, and the Patient the notification carries for it.
+type Focus<'a> = (&'a str, Option<&'a Value>);
+
 fn notification_bundle(bundle: &Value, body: &[u8]) -> Result<Notification, ParseError> {
     match bundle.get("type").and_then(Value::as_str) {
         Some("history" | "subscription-notification") => {}
@@ -431,55 +438,82 @@ fn notification_bundle(bundle: &Value, body: &[u8]) -> Result<Notification, Pars
             ))
         }
     }
-    // Full-resource payloads: the Patients carried in the further entries, by id.
-    let carried: Vec<&Value> = entries[1..]
-        .iter()
-        .filter_map(|e| e.get("resource"))
-        .filter(|r| r.get("resourceType").and_then(Value::as_str) == Some("Patient"))
-        .collect();
-    let carried_by_url = |reference: &str| {
-        entries[1..]
-            .iter()
-            .find(|e| e.get("fullUrl").and_then(Value::as_str) == Some(reference))
-            .and_then(|e| e.get("resource"))
+    // Full-resource payloads: the Patients carried in the further entries, by `fullUrl` and by
+    // id (the first of each), looked up once per event rather than searched for.
+    let mut by_url: HashMap<&str, &Value> = HashMap::new();
+    let mut by_id: HashMap<&str, &Value> = HashMap::new();
+    for entry in &entries[1..] {
+        let Some(resource) = entry
+            .get("resource")
             .filter(|r| r.get("resourceType").and_then(Value::as_str) == Some("Patient"))
-    };
+        else {
+            continue;
+        };
+        if let Some(url) = entry.get("fullUrl").and_then(Value::as_str) {
+            by_url.entry(url).or_insert(resource);
+        }
+        if let Some(id) = resource.get("id").and_then(Value::as_str) {
+            by_id.entry(id).or_insert(resource);
+        }
+    }
     let event_id = |number: Option<i64>, position: usize| match number {
         Some(n) => format!("{subscription}#{n}"),
         None => body_hash(body, Some(position)),
     };
-    let mut events = Vec::new();
+    // One event per patient, and one pull for all `empty` events: a notification naming the
+    // same patient in thousands of events queues (and fetches, and seals) that patient once,
+    // under the last event's id and with the last payload carried for it. Resources are
+    // borrowed until then, and cloned once each.
+    let mut queued: Vec<(String, Option<Focus<'_>>)> = Vec::new();
+    let mut position: HashMap<Option<&str>, usize> = HashMap::new();
     for (i, event) in status.events.iter().enumerate() {
-        let Some(reference) = event.focus else {
-            // An `empty` payload: something happened, nothing says what.
-            events.push(Event {
-                event_id: event_id(event.number, i),
-                action: EventAction::Resync,
-            });
-            continue;
+        let id = event_id(event.number, i);
+        // No focus: an `empty` payload, something happened and nothing says what (a pull).
+        let patient = match event.focus {
+            None => None,
+            Some(reference) => {
+                let by_reference = by_url.get(reference).copied();
+                let ehr_id = match patient_of(reference) {
+                    Some(id) => id,
+                    None => match by_reference
+                        .and_then(|r| r.get("id"))
+                        .and_then(Value::as_str)
+                    {
+                        Some(id) if fhir_id(id) => id,
+                        // The focus is not a Patient: this gateway follows patients only.
+                        _ => continue,
+                    },
+                };
+                Some((ehr_id, by_reference.or_else(|| by_id.get(ehr_id).copied())))
+            }
         };
-        let resource = carried_by_url(reference);
-        let ehr_id = match patient_of(reference) {
-            Some(id) => id.to_owned(),
-            None => match resource.and_then(|r| r.get("id")).and_then(Value::as_str) {
-                Some(id) if fhir_id(id) => id.to_owned(),
-                // The focus is not a Patient: this gateway follows patients only.
-                _ => continue,
-            },
-        };
-        let resource = resource
-            .or_else(|| {
-                carried
-                    .iter()
-                    .copied()
-                    .find(|r| r.get("id").and_then(Value::as_str) == Some(ehr_id.as_str()))
-            })
-            .cloned();
-        events.push(Event {
-            event_id: event_id(event.number, i),
-            action: EventAction::Patient { ehr_id, resource },
-        });
+        match position.get(&patient.map(|(ehr_id, _)| ehr_id)) {
+            Some(&at) => {
+                let (kept_id, kept) = &mut queued[at];
+                *kept_id = id;
+                if let (Some((_, kept)), Some((_, Some(resource)))) = (kept, patient) {
+                    *kept = Some(resource);
+                }
+            }
+            None => {
+                position.insert(patient.map(|(ehr_id, _)| ehr_id), queued.len());
+                queued.push((id, patient));
+            }
+        }
     }
+    let mut events: Vec<Event> = queued
+        .into_iter()
+        .map(|(event_id, patient)| Event {
+            event_id,
+            action: match patient {
+                Some((ehr_id, resource)) => EventAction::Patient {
+                    ehr_id: ehr_id.to_owned(),
+                    resource: resource.cloned(),
+                },
+                None => EventAction::Resync,
+            },
+        })
+        .collect();
     if status.events.is_empty() {
         // An event notification without events (`empty` content in R4B): pull.
         events.push(Event {
@@ -691,6 +725,59 @@ mod tests {
         );
         let n = parse_fhir(encounter.to_string().as_bytes()).unwrap();
         assert!(n.events.is_empty() && !n.status_only);
+    }
+
+    #[test]
+    fn a_patient_named_by_many_events_is_queued_once_under_the_last_event() {
+        let focus = "https://example.org/fhir/Patient/p-9";
+        let numbers: Vec<String> = (1..=2000).map(|n| n.to_string()).collect();
+        let mut events: Vec<(&str, &str)> = numbers.iter().map(|n| (n.as_str(), focus)).collect();
+        events.insert(1, ("0", "Patient/p-2"));
+        let mut body = r4_backport("event-notification", "2000", &events);
+        let carried = json!({"resourceType": "Patient", "id": "p-9", "gender": "other"});
+        body["entry"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"fullUrl": focus, "resource": carried}));
+        let n = parse_fhir(body.to_string().as_bytes()).unwrap();
+        let subscription = "https://example.org/fhir/Subscription/admission";
+        assert_eq!(
+            n.events,
+            vec![
+                Event {
+                    event_id: format!("{subscription}#2000"),
+                    action: EventAction::Patient {
+                        ehr_id: "p-9".into(),
+                        resource: Some(carried)
+                    }
+                },
+                Event {
+                    event_id: format!("{subscription}#0"),
+                    action: EventAction::Patient {
+                        ehr_id: "p-2".into(),
+                        resource: None
+                    }
+                },
+            ]
+        );
+        assert_eq!(n.sequence.unwrap().through, 2000);
+        // Events without a focus ask for one pull, not one each.
+        let mut empty = r4_backport("event-notification", "3", &[]);
+        let parameters = empty["entry"][0]["resource"]["parameter"]
+            .as_array_mut()
+            .unwrap();
+        for number in ["1", "2", "3"] {
+            parameters.push(json!({"name": "notification-event", "part": [
+                {"name": "event-number", "valueString": number}]}));
+        }
+        let n = parse_fhir(empty.to_string().as_bytes()).unwrap();
+        assert_eq!(
+            n.events,
+            vec![Event {
+                event_id: format!("{subscription}#3"),
+                action: EventAction::Resync
+            }]
+        );
     }
 
     #[test]
