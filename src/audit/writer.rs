@@ -1,6 +1,6 @@
 //! Group commit for audit events: callers hand an event to one background writer and wait until
-//! it is durable; the writer appends everything queued meanwhile in one transaction, so under load
-//! one commit (one fsync) serves many requests.
+//! it is durable; the writer appends everything queued meanwhile, one transaction per chain (the
+//! chains at once), so under load one commit (one fsync) serves many requests.
 
 use std::sync::Arc;
 
@@ -8,6 +8,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::NewAuditEvent;
+use crate::domain::ResourceId;
 use crate::store::Store;
 
 /// Most events appended in one transaction.
@@ -54,20 +55,37 @@ impl AuditLog {
 
 async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Pending>) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
-    let mut events: Vec<NewAuditEvent> = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        events.extend(batch.iter_mut().map(|p| std::mem::take(&mut p.event)));
-        let result = store
-            .append_audit(&events)
-            .await
-            .map(|_| ())
-            .map_err(|err| {
-                tracing::error!(error = %err, events = events.len(), "audit append failed");
-                AuditError::Unavailable
-            });
+        // One transaction per chain, all at once: a batch never holds one practice's chain
+        // head while it waits for another's (which a request's own transaction may hold).
+        let mut chains: Vec<(Option<ResourceId>, Vec<Pending>)> = Vec::new();
         for pending in batch.drain(..) {
-            let _ = pending.done.send(result);
+            match chains
+                .iter_mut()
+                .find(|(chain, _)| *chain == pending.event.practice_id)
+            {
+                Some((_, group)) => group.push(pending),
+                None => chains.push((pending.event.practice_id.clone(), vec![pending])),
+            }
         }
-        events.clear();
+        futures_util::future::join_all(chains.into_iter().map(|(_, group)| append(&*store, group)))
+            .await;
+    }
+}
+
+/// Appends one chain's events and tells their callers.
+async fn append(store: &dyn Store, group: Vec<Pending>) {
+    let (events, waiting): (Vec<NewAuditEvent>, Vec<_>) =
+        group.into_iter().map(|p| (p.event, p.done)).unzip();
+    let result = store
+        .append_audit(&events)
+        .await
+        .map(|_| ())
+        .map_err(|err| {
+            tracing::error!(error = %err, events = events.len(), "audit append failed");
+            AuditError::Unavailable
+        });
+    for done in waiting {
+        let _ = done.send(result);
     }
 }

@@ -140,16 +140,22 @@ pub trait InboxStore: Send + Sync {
         lease_until_us: i64,
         limit: i64,
     ) -> Result<Vec<ClaimedEvent>, StoreError>;
-    /// Extends a lease; `false` when `runner` no longer holds the row.
-    async fn renew_event(
+    /// Extends the leases of held rows; how many `runner` still holds (a row another runner
+    /// took over is left alone).
+    async fn renew_events(
         &self,
-        id: &str,
+        ids: &[String],
         runner: &str,
         lease_until_us: i64,
-    ) -> Result<bool, StoreError>;
-    /// Marks a held row done and drops its payload.
-    async fn complete_event(&self, id: &str, runner: &str, now_us: i64)
-        -> Result<bool, StoreError>;
+    ) -> Result<u64, StoreError>;
+    /// Marks held rows done and drops their payloads, in one statement; the ids `runner` still
+    /// held (and so marked done).
+    async fn complete_events(
+        &self,
+        ids: &[String],
+        runner: &str,
+        now_us: i64,
+    ) -> Result<Vec<String>, StoreError>;
     /// Gives a held row back to be tried again at `next_attempt_us`; `error` is a fixed phrase.
     async fn retry_event(
         &self,
@@ -421,43 +427,66 @@ macro_rules! shared_inbox_sql {
                 Ok(out)
             }
 
-            async fn renew_event(
+            async fn renew_events(
                 &self,
-                id: &str,
+                ids: &[String],
                 runner: &str,
                 lease_until_us: i64,
-            ) -> Result<bool, $crate::store::StoreError> {
+            ) -> Result<u64, $crate::store::StoreError> {
+                if ids.is_empty() {
+                    return Ok(0);
+                }
                 let _turn = self.write_turn().await?;
-                let done = sqlx::query(
-                    "UPDATE webhook_inbox SET lease_until_us = $1
-                     WHERE id = $2 AND runner = $3 AND status = 'pending'",
-                )
-                .bind(lease_until_us)
-                .bind(id)
-                .bind(runner)
-                .execute(&self.pool)
-                .await?;
-                Ok(done.rows_affected() == 1)
+                let mut renewed = 0;
+                for chunk in ids.chunks($crate::store::ROW_INSERT_CHUNK) {
+                    let mut q = sqlx::QueryBuilder::<$db>::new(
+                        "UPDATE webhook_inbox SET lease_until_us = ",
+                    );
+                    q.push_bind(lease_until_us)
+                        .push(" WHERE runner = ")
+                        .push_bind(runner)
+                        .push(" AND status = 'pending' AND id IN (");
+                    let mut list = q.separated(", ");
+                    for id in chunk {
+                        list.push_bind(id);
+                    }
+                    q.push(")");
+                    renewed += q.build().execute(&self.pool).await?.rows_affected();
+                }
+                Ok(renewed)
             }
 
-            async fn complete_event(
+            async fn complete_events(
                 &self,
-                id: &str,
+                ids: &[String],
                 runner: &str,
                 now_us: i64,
-            ) -> Result<bool, $crate::store::StoreError> {
+            ) -> Result<Vec<String>, $crate::store::StoreError> {
+                use sqlx::Row;
+                let mut done = Vec::with_capacity(ids.len());
+                if ids.is_empty() {
+                    return Ok(done);
+                }
                 let _turn = self.write_turn().await?;
-                let done = sqlx::query(
-                    "UPDATE webhook_inbox SET status = 'done', payload = NULL, runner = NULL,
-                         lease_until_us = NULL, last_error = NULL, finished_us = $1
-                     WHERE id = $2 AND runner = $3 AND status = 'pending'",
-                )
-                .bind(now_us)
-                .bind(id)
-                .bind(runner)
-                .execute(&self.pool)
-                .await?;
-                Ok(done.rows_affected() == 1)
+                for chunk in ids.chunks($crate::store::ROW_INSERT_CHUNK) {
+                    let mut q = sqlx::QueryBuilder::<$db>::new(
+                        "UPDATE webhook_inbox SET status = 'done', payload = NULL, runner = NULL,
+                             lease_until_us = NULL, last_error = NULL, finished_us = ",
+                    );
+                    q.push_bind(now_us)
+                        .push(" WHERE runner = ")
+                        .push_bind(runner)
+                        .push(" AND status = 'pending' AND id IN (");
+                    let mut list = q.separated(", ");
+                    for id in chunk {
+                        list.push_bind(id);
+                    }
+                    q.push(") RETURNING id");
+                    for row in q.build().fetch_all(&self.pool).await? {
+                        done.push(row.try_get("id")?);
+                    }
+                }
+                Ok(done)
             }
 
             async fn retry_event(

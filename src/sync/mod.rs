@@ -19,5 +19,6 @@ pub use jobs::{JobError, PullJobs, StartedBy, SyncSettings};
 pub use outbound_audit::AuditedCalls;
 pub use outbox::{ClaimOutbox, OutboxSettings};
 pub use pull::{
-    ingest, on_page, pull, PullError, PullOptions, PullProgress, PullReport, PullTarget,
+    ingest, ingest_each, on_page, pull, Ingested, PullError, PullOptions, PullProgress, PullReport,
+    PullTarget,
 };

@@ -151,8 +151,23 @@ pub async fn pull(
     Ok(report)
 }
 
+/// Coverage searches a batch runs at the EHR at once (the adapter's rate limit still applies).
+const COVERAGE_FETCHES: usize = 8;
+
+/// How one patient of an [`ingest_each`] batch ended.
+#[derive(Debug)]
+pub enum Ingested {
+    /// Written, or identical to what is stored.
+    Stored,
+    /// It did not map, or failed the FHIR checks: quarantined with the reason.
+    Refused,
+    /// Fetching its coverages failed: nothing of it was written.
+    Adapter(AdapterError),
+}
+
 /// Maps and writes one batch of the EHR's patients (and their coverages when asked), counting
-/// into `report`: what a pull does with each page, and the webhook worker with one patient.
+/// into `report`: what a pull does with each page. One patient's coverage search failing fails
+/// the batch (nothing of it is written; the page is pulled again).
 pub async fn ingest(
     target: &PullTarget<'_>,
     adapter: &dyn EhrAdapter,
@@ -161,28 +176,85 @@ pub async fn ingest(
     options: PullOptions,
     report: &mut PullReport,
 ) -> Result<(), PullError> {
+    ingest_with(target, adapter, profile, resources, options, report, true)
+        .await
+        .map(drop)
+}
+
+/// [`ingest`] for independent patients (the webhook worker's batch of events): a patient whose
+/// coverage search fails is left out and the others are written. One outcome per resource, in
+/// order; `Err` only when storage failed (then nothing of the batch is known to be written).
+pub async fn ingest_each(
+    target: &PullTarget<'_>,
+    adapter: &dyn EhrAdapter,
+    profile: &Profile,
+    resources: Vec<Value>,
+    options: PullOptions,
+    report: &mut PullReport,
+) -> Result<Vec<Ingested>, PullError> {
+    ingest_with(target, adapter, profile, resources, options, report, false).await
+}
+
+async fn ingest_with(
+    target: &PullTarget<'_>,
+    adapter: &dyn EhrAdapter,
+    profile: &Profile,
+    resources: Vec<Value>,
+    options: PullOptions,
+    report: &mut PullReport,
+    strict: bool,
+) -> Result<Vec<Ingested>, PullError> {
     report.received += resources.len() as u64;
+    let mut outcomes: Vec<Ingested> = (0..resources.len()).map(|_| Ingested::Stored).collect();
     let mut quarantine = Vec::new();
+    // (input position, admitted patient)
     let mut patients = Vec::with_capacity(resources.len());
-    for resource in resources {
+    for (at, resource) in resources.into_iter().enumerate() {
         match admit(target, profile, "Patient", resource, &HashMap::new()) {
-            Ok(admitted) => patients.push(admitted),
-            Err(refused) => quarantine.push(refused),
+            Ok(admitted) => patients.push((at, admitted)),
+            Err(refused) => {
+                outcomes[at] = Ingested::Refused;
+                quarantine.push(refused);
+            }
         }
     }
     let mut coverages = Vec::new();
     if options.coverage {
+        // Several searches at once, answers in the patients' order.
+        // (The futures are made first: a stream mapping with a closure over borrowed patients
+        // does not prove `Send` for every lifetime.)
+        let mut searches = Vec::with_capacity(patients.len());
+        for (_, patient) in &patients {
+            searches.push(adapter.coverage_for(&patient.ehr_id));
+        }
+        let found: Vec<Result<Vec<Value>, AdapterError>> = futures_util::stream::iter(searches)
+            .buffered(COVERAGE_FETCHES)
+            .collect()
+            .await;
+        let mut kept = Vec::with_capacity(patients.len());
+        let mut found_for_kept = Vec::with_capacity(patients.len());
+        for ((at, patient), found) in patients.into_iter().zip(found) {
+            match found {
+                Ok(list) => {
+                    kept.push((at, patient));
+                    found_for_kept.push(list);
+                }
+                Err(e) if strict => return Err(e.into()),
+                Err(e) => outcomes[at] = Ingested::Adapter(e),
+            }
+        }
+        patients = kept;
         let locals: HashMap<String, String> = patients
             .iter()
-            .map(|p| {
+            .map(|(_, p)| {
                 (
                     format!("Patient/{}", p.ehr_id),
                     format!("Patient/{}", p.local_id),
                 )
             })
             .collect();
-        for patient in &patients {
-            for coverage in adapter.coverage_for(&patient.ehr_id).await? {
+        for list in found_for_kept {
+            for coverage in list {
                 match admit(target, profile, "Coverage", coverage, &locals) {
                     Ok(admitted) => coverages.push(admitted),
                     Err(refused) => quarantine.push(refused),
@@ -190,15 +262,30 @@ pub async fn ingest(
             }
         }
     }
-    let patients = write(target, "Patient", patients, &mut quarantine).await?;
-    report.created += patients.created;
-    report.updated += patients.updated;
-    report.unchanged += patients.unchanged;
+    // Which inputs each local id stands for (an EHR listing one patient twice).
+    let mut positions: HashMap<String, Vec<usize>> = HashMap::with_capacity(patients.len());
+    let patients: Vec<Admitted> = patients
+        .into_iter()
+        .map(|(at, p)| {
+            positions.entry(p.local_id.clone()).or_default().push(at);
+            p
+        })
+        .collect();
+    let before = quarantine.len();
+    let written = write(target, "Patient", patients, &mut quarantine).await?;
+    for refused in &quarantine[before..] {
+        for at in positions.get(&refused.local_id).into_iter().flatten() {
+            outcomes[*at] = Ingested::Refused;
+        }
+    }
+    report.created += written.created;
+    report.updated += written.updated;
+    report.unchanged += written.unchanged;
     let coverages = write(target, "Coverage", coverages, &mut quarantine).await?;
     report.coverages += coverages.created + coverages.updated + coverages.unchanged;
     report.failed += quarantine.len() as u64;
     keep_out(target, quarantine).await?;
-    Ok(())
+    Ok(outcomes)
 }
 
 /// A resource that could not be admitted: what the quarantine keeps.

@@ -796,6 +796,55 @@ async fn a_gap_in_event_numbers_queues_a_pull_that_recovers_the_missed_patients(
 }
 
 #[tokio::test]
+async fn events_worked_on_together_end_each_on_its_own_and_a_repeated_patient_is_fetched_once() {
+    let h = hooked(FAST, 4).await;
+    let (app, conn) = (&h.app, h.connection.as_str());
+    let ids = h.sim.patient_ids();
+    let ehr_requests = || h.sim.controls().counters().fhir_requests;
+    // What one event for one patient costs the EHR (a patient read and a coverage search).
+    let before = ehr_requests();
+    assert_eq!(answer(post_event(&h, "warm", &ids[3]).await).await.0, 202);
+    settled(app, conn, 1).await;
+    let one_event = ehr_requests() - before;
+
+    // A slow EHR holds the worker on the first event while the others queue behind it, so they
+    // are claimed, fetched and written as one batch.
+    h.sim.controls().set_latency(Duration::from_millis(400));
+    let before = ehr_requests();
+    assert_eq!(answer(post_event(&h, "first", &ids[0]).await).await.0, 202);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for (event, patient) in [
+        ("b-1", ids[1].as_str()),
+        ("b-unknown", "no-such-patient"),
+        ("b-2", ids[2].as_str()),
+        ("b-1-again", ids[1].as_str()),
+    ] {
+        assert_eq!(answer(post_event(&h, event, patient).await).await.0, 202);
+    }
+    let done = settled(app, conn, 6).await;
+    h.sim.controls().set_latency(Duration::ZERO);
+    // The unknown patient's event is dead with the EHR's reason; every other event is done.
+    let dead: Vec<&InboxEntry> = done.iter().filter(|r| r.status == "dead").collect();
+    assert_eq!(dead.len(), 1, "{done:#?}");
+    assert_eq!(
+        dead[0].last_error.as_deref(),
+        Some("the EHR has no such patient")
+    );
+    assert_eq!(
+        done.iter().filter(|r| r.status == "done").count(),
+        5,
+        "{done:#?}"
+    );
+    for patient in &ids[..3] {
+        assert_eq!(found(app, &h.session.token, conn, patient).await.len(), 1);
+        assert_eq!(versions(app, &h.practice, conn, patient).await, 1);
+    }
+    // Patients 0, 1 and 2 fetched once each (with their coverages), the unknown one asked for
+    // once: the second event on patient 1 cost the EHR nothing.
+    assert_eq!(ehr_requests() - before, 3 * one_event + 1);
+}
+
+#[tokio::test]
 async fn an_ehr_failure_is_retried_until_the_patient_is_stored() {
     let h = hooked(FAST, 3).await;
     let (app, conn) = (&h.app, h.connection.as_str());
