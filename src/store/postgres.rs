@@ -49,18 +49,30 @@ impl PgStore {
         &self.pool
     }
 
-    /// Begins a transaction confined to one practice by row-level security: one round trip sets
-    /// the role and the practice id, both reverting at commit or rollback.
+    /// Begins a transaction confined to one practice by row-level security: the role and the
+    /// practice id, both reverting at commit or rollback, are set in the round trip that begins
+    /// it (one simple query: a FHIR id is letters, digits, `-` and `.`, so it is written into the
+    /// statement; an id of any other shape takes a bound parameter in a round trip of its own).
     pub async fn begin_tenant(
         &self,
         practice: &ResourceId,
     ) -> Result<Transaction<'static, Postgres>, StoreError> {
+        let id = practice.as_str();
+        if inlinable(id) {
+            return Ok(self
+                .pool
+                .begin_with(format!(
+                    "BEGIN; SELECT set_config('role', 'fhirgate_tenant', true), \
+                     set_config('fhirgate.practice_id', '{id}', true)"
+                ))
+                .await?);
+        }
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "SELECT set_config('role', 'fhirgate_tenant', true),
                     set_config('fhirgate.practice_id', $1, true)",
         )
-        .bind(practice.as_str())
+        .bind(id)
         .execute(&mut *tx)
         .await?;
         Ok(tx)
@@ -101,6 +113,15 @@ impl PgStore {
     async fn write_turn(&self) -> Result<Option<()>, StoreError> {
         Ok(None)
     }
+}
+
+/// Whether a practice id may be written into a statement as a literal: a FHIR id's shape
+/// (letters, digits, `-`, `.`; 1 to 64), nothing that could end the quotes.
+fn inlinable(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 shared_resource_sql!(PgStore, Postgres, sqlx::postgres::PgRow, " FOR UPDATE");
@@ -710,5 +731,27 @@ impl Store for PgStore {
 
     async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::inlinable;
+
+    #[test]
+    fn only_fhir_shaped_practice_ids_are_written_into_a_statement() {
+        assert!(inlinable("p-1.a"));
+        assert!(inlinable(&"a".repeat(64)));
+        for odd in [
+            "",
+            "x'); DROP TABLE patients; --",
+            "a'b",
+            "a\\b",
+            "a b",
+            "é",
+            &"a".repeat(65),
+        ] {
+            assert!(!inlinable(odd), "{odd:?}");
+        }
     }
 }
