@@ -61,7 +61,8 @@ pub struct WebhookSettings {
     pub retry_base_ms: u64,
     /// How long a claim holds a row without news from its worker (renewed while it works).
     pub lease_secs: u64,
-    /// Events one instance works on at once.
+    /// Patient fetches one instance runs at once per connection, and connections worked on
+    /// at once; a batch claims 8 times this many events.
     pub concurrency: usize,
 }
 
