@@ -204,6 +204,18 @@ pub(crate) const INBOX_ENTRY_COLUMNS: &str = "id, practice_id, connection_id, ki
 /// that is updated next ends with.
 macro_rules! shared_inbox_sql {
     ($store:ty, $db:ty, $row:ty, $skip_locked:literal, $for_update:literal) => {
+        /// The `WHERE` of an update to the rows of `ids` that `runner` holds, still pending.
+        fn push_held<'a>(q: &mut sqlx::QueryBuilder<'a, $db>, runner: &'a str, ids: &'a [String]) {
+            q.push(" WHERE runner = ")
+                .push_bind(runner)
+                .push(" AND status = 'pending' AND id IN (");
+            let mut list = q.separated(", ");
+            for id in ids {
+                list.push_bind(id);
+            }
+            q.push(")");
+        }
+
         fn inbox_entry_from(row: &$row) -> Result<$crate::store::inbox::InboxEntry, sqlx::Error> {
             use sqlx::Row;
             let kind: String = row.try_get("kind")?;
@@ -442,15 +454,8 @@ macro_rules! shared_inbox_sql {
                     let mut q = sqlx::QueryBuilder::<$db>::new(
                         "UPDATE webhook_inbox SET lease_until_us = ",
                     );
-                    q.push_bind(lease_until_us)
-                        .push(" WHERE runner = ")
-                        .push_bind(runner)
-                        .push(" AND status = 'pending' AND id IN (");
-                    let mut list = q.separated(", ");
-                    for id in chunk {
-                        list.push_bind(id);
-                    }
-                    q.push(")");
+                    q.push_bind(lease_until_us);
+                    push_held(&mut q, runner, chunk);
                     renewed += q.build().execute(&self.pool).await?.rows_affected();
                 }
                 Ok(renewed)
@@ -473,15 +478,9 @@ macro_rules! shared_inbox_sql {
                         "UPDATE webhook_inbox SET status = 'done', payload = NULL, runner = NULL,
                              lease_until_us = NULL, last_error = NULL, finished_us = ",
                     );
-                    q.push_bind(now_us)
-                        .push(" WHERE runner = ")
-                        .push_bind(runner)
-                        .push(" AND status = 'pending' AND id IN (");
-                    let mut list = q.separated(", ");
-                    for id in chunk {
-                        list.push_bind(id);
-                    }
-                    q.push(") RETURNING id");
+                    q.push_bind(now_us);
+                    push_held(&mut q, runner, chunk);
+                    q.push(" RETURNING id");
                     for row in q.build().fetch_all(&self.pool).await? {
                         done.push(row.try_get("id")?);
                     }
