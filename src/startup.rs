@@ -52,6 +52,8 @@ pub struct AppState {
     pub stuck_after: Duration,
     /// The claim-status outbox: sealing its rows, waking and stopping its dispatcher.
     pub outbox: crate::sync::ClaimOutbox,
+    /// Commits claim-status changes in groups (`sync::outbox::changes`).
+    pub claim_changes: crate::sync::outbox::changes::ChangeWriter,
     /// Patient-change webhooks: settings, payload cipher, this instance's inbox worker.
     pub webhooks: crate::sync::webhooks::Webhooks,
     /// Claim preparation's code tables, payer rules and validator chain.
@@ -231,6 +233,7 @@ impl Application {
             connections,
             stuck_after: Duration::from_secs(settings.sync.stuck_after_secs),
             outbox: crate::sync::ClaimOutbox::new(&settings.outbox, master.keyring()),
+            claim_changes: crate::sync::outbox::changes::ChangeWriter::start(Arc::clone(&store)),
             webhooks: crate::sync::webhooks::Webhooks::new(
                 &settings.webhooks,
                 master.keyring(),

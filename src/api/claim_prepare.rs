@@ -150,6 +150,7 @@ async fn resolve(
     let pending = Pending::new();
     let reader = Reader {
         store: &*state.store,
+        connections: &state.connections,
         vault: state.vault().await?,
         practice: &caller.practice_id,
         pending: &pending,

@@ -22,7 +22,7 @@ use crate::fhir::resources::{etag, fields, if_match};
 use crate::gate::{Caller, Role};
 use crate::http::ApiError;
 use crate::startup::AppState;
-use crate::store::{ClaimState, ClaimStatusChange, PushSource, StoreError};
+use crate::store::{ClaimState, ClaimTransition, PushSource, Transitioned};
 use crate::sync::outbox::rows::{Pending, Reader, MAX_DISPOSITION};
 
 /// Who may read and change claim statuses.
@@ -105,6 +105,7 @@ async fn claim_json(
 ) -> Result<Value, ApiError> {
     let reader = Reader {
         store: &*state.store,
+        connections: &state.connections,
         vault: state.vault().await?,
         practice: &caller.practice_id,
         pending,
@@ -204,6 +205,7 @@ async fn set_status(
         Some(_) => {
             let reader = Reader {
                 store: &*state.store,
+                connections: &state.connections,
                 vault: state.vault().await?,
                 practice: &caller.practice_id,
                 pending: &pending,
@@ -212,103 +214,86 @@ async fn set_status(
         }
         None => None,
     };
-    for _attempt in 0..3 {
-        let now = current(&state, &caller, &id).await?;
-        if let Some(v) = expected {
-            if v != now.version {
-                return Err(ApiError::PreconditionFailed(format!(
-                    "If-Match: the current version is {}",
-                    now.version
-                ))
-                .into());
-            }
-        }
-        if !now.status.can_become(next) {
-            let allowed: Vec<&str> = now
-                .status
-                .next_statuses()
-                .map(ClaimStatus::as_str)
-                .collect();
-            return Err(ApiError::Conflict(format!(
-                "the claim is {} and cannot become {} (it may become: {})",
-                now.status,
-                next,
-                if allowed.is_empty() {
-                    "nothing, it is final".to_owned()
-                } else {
-                    allowed.join(", ")
-                }
-            ))
-            .into());
-        }
-        let row = match (&target, next.push_outcome()) {
-            (Some(target), Some(outcome)) => Some((
-                state.outbox.row(
-                    &caller.practice_id,
-                    id.as_str(),
-                    target,
-                    outcome,
-                    Some(
-                        disposition
-                            .clone()
-                            .unwrap_or_else(|| next.default_disposition().to_owned()),
-                    ),
-                    PushSource::Status,
-                ),
+    let row = match (&target, next.push_outcome()) {
+        (Some(target), Some(outcome)) => Some((
+            state.outbox.row(
+                &caller.practice_id,
+                id.as_str(),
+                target,
                 outcome,
-            )),
-            _ => None,
-        };
-        let audit = if state.skip_audit {
-            vec![]
-        } else {
-            vec![claim_event(&req, 200, Action::Update, &id, &claim)]
-        };
-        let rows: Vec<_> = row.iter().map(|(r, _)| r.clone()).collect();
-        let changed = state
-            .store
-            .outbox()
-            .change_claim_status(
-                &ClaimStatusChange {
-                    practice_id: caller.practice_id.clone(),
-                    claim_id: id.to_string(),
-                    status: next,
-                    expected_version: now.version,
-                },
-                &rows,
-                &audit,
-            )
-            .await;
-        match changed {
-            Ok(changed) => {
-                req.extensions_mut().insert(AuditedInTransaction);
-                let push = row.map(|(r, outcome)| {
-                    state.outbox.written();
-                    QueuedPush {
-                        update_id: r.id,
-                        connection_id: r.connection_id,
-                        outcome,
-                    }
-                });
-                return Ok(respond(
-                    actix_web::http::StatusCode::OK,
-                    &changed,
-                    body(&changed, push),
-                ));
-            }
-            Err(StoreError::VersionConflict { .. }) if expected.is_some() => {
-                return Err(ApiError::PreconditionFailed(
-                    "If-Match: the claim's status was changed by another request".into(),
-                )
-                .into())
-            }
-            // Someone changed it first: check the transition again against what they set.
-            Err(StoreError::VersionConflict { .. }) => continue,
-            Err(other) => return Err(ApiError::from(other).into()),
+                Some(disposition.unwrap_or_else(|| next.default_disposition().to_owned())),
+                PushSource::Status,
+            ),
+            outcome,
+        )),
+        _ => None,
+    };
+    let audit = if state.skip_audit {
+        vec![]
+    } else {
+        vec![claim_event(&req, 200, Action::Update, &id, &claim)]
+    };
+    let change = ClaimTransition {
+        claim_id: id.to_string(),
+        status: next,
+        if_match: expected,
+        outbox: row.iter().map(|(r, _)| r.clone()).collect(),
+        audit,
+    };
+    // The state is read and the change written in one transaction, which the writer shares
+    // with the practice's other changes of the moment.
+    match state
+        .claim_changes
+        .transition(&caller.practice_id, change)
+        .await
+        .map_err(ApiError::from)?
+    {
+        Transitioned::Changed(changed) => {
+            req.extensions_mut().insert(AuditedInTransaction);
+            let push = row.map(|(r, outcome)| {
+                state.outbox.written();
+                QueuedPush {
+                    update_id: r.id,
+                    connection_id: r.connection_id,
+                    outcome,
+                }
+            });
+            Ok(respond(
+                actix_web::http::StatusCode::OK,
+                &changed,
+                body(&changed, push),
+            ))
         }
+        Transitioned::Refused(now) => Err(refusal(&now, next, expected).into()),
+        Transitioned::Busy => Err(ApiError::Conflict(
+            "the claim's status is being changed by other requests at the same time; retry".into(),
+        )
+        .into()),
     }
-    Err(ApiError::Conflict(
-        "the claim's status is being changed by other requests at the same time; retry".into(),
-    )
-    .into())
+}
+
+/// Why a transition was refused: a stale `If-Match` (412) or a move the claim's current status
+/// does not allow (409, naming the ones it does).
+fn refusal(now: &ClaimState, next: ClaimStatus, expected: Option<i64>) -> ApiError {
+    if expected.is_some_and(|v| v != now.version) {
+        return ApiError::PreconditionFailed(format!(
+            "If-Match: the current version is {}",
+            now.version
+        ));
+    }
+    let allowed: Vec<&str> = now
+        .status
+        .next_statuses()
+        .map(ClaimStatus::as_str)
+        .collect();
+    ApiError::Conflict(format!(
+        "the claim is {} and cannot become {} (it may become: {})",
+        now.status,
+        next,
+        if allowed.is_empty() {
+            "nothing, it is final".to_owned()
+        } else {
+            allowed.join(", ")
+        }
+    ))
 }

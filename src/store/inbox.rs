@@ -199,6 +199,10 @@ pub(crate) const INBOX_ENTRY_COLUMNS: &str = "id, practice_id, connection_id, ki
     attempts, next_attempt_us, runner, lease_until_us, last_error, received_us, finished_us, \
     payload IS NOT NULL AS has_payload";
 
+/// Patient events written per statement by `accept` (8 parameters each, well inside
+/// SQLite's and PostgreSQL's limits).
+pub(crate) const PATIENT_ROWS: usize = 500;
+
 /// The SQL of [`InboxStore`], for `$store` over `$db`; `$skip_locked` is what a claim's row
 /// selection ends with (`FOR UPDATE SKIP LOCKED` on PostgreSQL) and `$for_update` what a read
 /// that is updated next ends with.
@@ -285,14 +289,58 @@ macro_rules! shared_inbox_sql {
                 Ok(done.rows_affected() == 1)
             }
 
-            /// One notification's writes in `tx`.
+            /// Every patient event of a batch in one statement (chunks of `PATIENT_ROWS`); the
+            /// ids written (an event key already there writes nothing).
+            async fn insert_patient_events(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                accepts: &[$crate::store::inbox::InboxAccept],
+            ) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+                use sqlx::Row;
+                let events: Vec<_> = accepts
+                    .iter()
+                    .flat_map(|a| a.events.iter().map(move |e| (a, e)))
+                    .filter(|(_, e)| e.kind == $crate::store::inbox::InboxKind::Patient)
+                    .collect();
+                let mut written = std::collections::HashSet::with_capacity(events.len());
+                for chunk in events.chunks($crate::store::inbox::PATIENT_ROWS) {
+                    let mut insert = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO webhook_inbox (id, practice_id, connection_id, event_key,
+                             kind, payload, next_attempt_us, received_us) ",
+                    );
+                    insert.push_values(chunk, |mut row, (accept, event)| {
+                        row.push_bind(&event.id)
+                            .push_bind(accept.practice_id.as_str())
+                            .push_bind(&accept.connection_id)
+                            .push_bind(&event.event_key)
+                            .push("'patient'")
+                            .push_bind(&event.payload)
+                            .push_bind(accept.received_us)
+                            .push_bind(accept.received_us);
+                    });
+                    insert.push(" ON CONFLICT (connection_id, event_key) DO NOTHING RETURNING id");
+                    for row in insert.build().fetch_all(&mut **tx).await? {
+                        written.insert(row.try_get::<String, _>("id")?);
+                    }
+                }
+                Ok(written)
+            }
+
+            /// One notification's writes in `tx` (its patient events are in `written` if
+            /// [`Self::insert_patient_events`] wrote them).
             async fn accept_one(
                 tx: &mut sqlx::Transaction<'static, $db>,
                 accept: &$crate::store::inbox::InboxAccept,
+                written: &std::collections::HashSet<String>,
             ) -> Result<$crate::store::inbox::Accepted, sqlx::Error> {
                 let mut out = $crate::store::inbox::Accepted::default();
                 for event in &accept.events {
-                    if Self::insert_inbox_event(tx, accept, event).await? {
+                    let stored = match event.kind {
+                        $crate::store::inbox::InboxKind::Patient => written.contains(&event.id),
+                        $crate::store::inbox::InboxKind::Resync => {
+                            Self::insert_inbox_event(tx, accept, event).await?
+                        }
+                    };
+                    if stored {
                         out.stored += 1;
                     } else {
                         out.duplicates += 1;
@@ -381,9 +429,10 @@ macro_rules! shared_inbox_sql {
                     .fetch_one(&mut *tx)
                     .await?;
                 }
+                let written = Self::insert_patient_events(&mut tx, accepts).await?;
                 let mut results = Vec::with_capacity(accepts.len());
                 for accept in accepts {
-                    results.push(Self::accept_one(&mut tx, accept).await?);
+                    results.push(Self::accept_one(&mut tx, accept, &written).await?);
                 }
                 let audit: Vec<$crate::audit::NewAuditEvent> =
                     accepts.iter().filter_map(|a| a.audit.clone()).collect();

@@ -38,8 +38,8 @@ pub use jobs::{
 };
 pub use migrations::MigrationStatus;
 pub use outbox::{
-    ClaimEffects, ClaimState, ClaimStatusChange, DeadLetter, NewOutboxRow, OutboxRow, OutboxStore,
-    PushSource,
+    ClaimEffects, ClaimState, ClaimStatusChange, ClaimTransition, DeadLetter, NewOutboxRow,
+    OutboxRow, OutboxStore, PushSource, Transitioned,
 };
 pub use postgres::PgStore;
 pub use resources::{
@@ -83,7 +83,7 @@ pub struct PoolStats {
     pub max: u32,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("not found")]
     NotFound,

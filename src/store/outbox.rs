@@ -113,6 +113,35 @@ pub struct ClaimStatusChange {
     pub expected_version: i64,
 }
 
+/// A status change asked for: `status`, if the claim's current status may become it and,
+/// with `if_match`, the claim is still at that version; with the outbox rows and audit events
+/// that commit with it.
+#[derive(Debug, Clone)]
+pub struct ClaimTransition {
+    pub claim_id: String,
+    pub status: ClaimStatus,
+    pub if_match: Option<i64>,
+    pub outbox: Vec<NewOutboxRow>,
+    pub audit: Vec<NewAuditEvent>,
+}
+
+/// How a [`ClaimTransition`] ended.
+#[derive(Debug, Clone)]
+pub enum Transitioned {
+    /// Committed: the claim's new state.
+    Changed(ClaimState),
+    /// Not applied, nothing written: the claim's current state, which either is not at the
+    /// `if_match` version or may not become the status asked for.
+    Refused(ClaimState),
+    /// Not applied, nothing written: other transactions kept changing the claim between this
+    /// one's read and write.
+    Busy,
+}
+
+/// Times a change reads its claim's state again after another transaction changed it between
+/// the read and the write.
+pub(crate) const TRANSITION_READS: usize = 3;
+
 /// What a resource write changes of claims, committed in the write's transaction: the
 /// lifecycle statuses it moves (a prepared claim, a ClaimResponse's answer) and the
 /// claim-status updates it queues for the EHR.
@@ -142,15 +171,14 @@ pub trait OutboxStore: Send + Sync {
         practice: &ResourceId,
         claim_id: &str,
     ) -> Result<Option<ClaimState>, StoreError>;
-    /// Commits a status change with its outbox row (if any) and audit events in one
-    /// transaction; [`StoreError::VersionConflict`] when the claim is no longer at the expected
-    /// version (someone changed it first).
-    async fn change_claim_status(
+    /// Status changes of claims of one practice, in one transaction: each reads its claim's
+    /// state (seeing the earlier ones') and, when that allows it, writes the change, its outbox
+    /// rows and its audit events; one answer per change, in order. A failure writes nothing.
+    async fn transition_claims(
         &self,
-        change: &ClaimStatusChange,
-        outbox: &[NewOutboxRow],
-        audit: &[NewAuditEvent],
-    ) -> Result<ClaimState, StoreError>;
+        practice: &ResourceId,
+        changes: &[ClaimTransition],
+    ) -> Result<Vec<Transitioned>, StoreError>;
 
     /// Leases up to `limit` due rows to `runner` until `lease_until_us`: rows whose retry time
     /// has come, that nobody holds (or whose holder's lease ran out), and that are the earliest
@@ -300,6 +328,34 @@ macro_rules! shared_outbox_sql {
             /// Applies lifecycle changes inside `tx` (the caller commits), each compared and set
             /// on its `expected_version` (0: the claim has no status row yet). `false` when one
             /// did not hold: the caller rolls back.
+            /// A claim's stored status, read inside `tx` (`None`: never changed, a draft).
+            async fn claim_state_in(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                practice: &$crate::domain::ResourceId,
+                claim_id: &str,
+            ) -> Result<Option<$crate::store::ClaimState>, $crate::store::StoreError> {
+                use sqlx::Row;
+                let row = sqlx::query(
+                    "SELECT claim_id, status, version, updated_at FROM claim_states
+                     WHERE practice_id = $1 AND claim_id = $2",
+                )
+                .bind(practice.as_str())
+                .bind(claim_id)
+                .fetch_optional(&mut **tx)
+                .await?;
+                let Some(row) = row else { return Ok(None) };
+                let status: String = row.try_get("status")?;
+                Ok(Some($crate::store::ClaimState {
+                    claim_id: row.try_get("claim_id")?,
+                    // Only parsed statuses are ever written.
+                    status: $crate::domain::ClaimStatus::parse(&status).map_err(|_| {
+                        $crate::store::StoreError::Database("unknown claim status stored".into())
+                    })?,
+                    version: row.try_get("version")?,
+                    updated_at: Some(row.try_get("updated_at")?),
+                }))
+            }
+
             pub(crate) async fn apply_claim_changes_in(
                 tx: &mut sqlx::Transaction<'_, $db>,
                 changes: &[$crate::store::ClaimStatusChange],
@@ -387,51 +443,69 @@ macro_rules! shared_outbox_sql {
                 practice: &$crate::domain::ResourceId,
                 claim_id: &str,
             ) -> Result<Option<$crate::store::ClaimState>, $crate::store::StoreError> {
-                use sqlx::Row;
                 let mut tx = self.begin_for(practice).await?;
-                let row = sqlx::query(
-                    "SELECT claim_id, status, version, updated_at FROM claim_states
-                     WHERE practice_id = $1 AND claim_id = $2",
-                )
-                .bind(practice.as_str())
-                .bind(claim_id)
-                .fetch_optional(&mut *tx)
-                .await?;
+                let state = Self::claim_state_in(&mut tx, practice, claim_id).await?;
                 tx.commit().await?;
-                let Some(row) = row else { return Ok(None) };
-                let status: String = row.try_get("status")?;
-                Ok(Some($crate::store::ClaimState {
-                    claim_id: row.try_get("claim_id")?,
-                    // Only parsed statuses are ever written.
-                    status: $crate::domain::ClaimStatus::parse(&status).map_err(|_| {
-                        $crate::store::StoreError::Database("unknown claim status stored".into())
-                    })?,
-                    version: row.try_get("version")?,
-                    updated_at: Some(row.try_get("updated_at")?),
-                }))
+                Ok(state)
             }
 
-            async fn change_claim_status(
+            async fn transition_claims(
                 &self,
-                change: &$crate::store::ClaimStatusChange,
-                outbox: &[$crate::store::NewOutboxRow],
-                audit: &[$crate::audit::NewAuditEvent],
-            ) -> Result<$crate::store::ClaimState, $crate::store::StoreError> {
+                practice: &$crate::domain::ResourceId,
+                changes: &[$crate::store::ClaimTransition],
+            ) -> Result<Vec<$crate::store::Transitioned>, $crate::store::StoreError> {
+                use $crate::store::Transitioned;
                 let now = $crate::store::now();
                 let _turn = self.write_turn().await?;
-                let mut tx = self.begin_for(&change.practice_id).await?;
-                if !Self::apply_claim_changes_in(&mut tx, std::slice::from_ref(change), now).await? {
-                    return Err($crate::store::StoreError::VersionConflict { index: 0 });
+                let mut tx = self.begin_for(practice).await?;
+                let mut answers = Vec::with_capacity(changes.len());
+                let mut outbox = Vec::new();
+                let mut audit = Vec::new();
+                for asked in changes {
+                    let mut answer = Transitioned::Busy;
+                    for _ in 0..$crate::store::outbox::TRANSITION_READS {
+                        let current = Self::claim_state_in(&mut tx, practice, &asked.claim_id)
+                            .await?
+                            .unwrap_or($crate::store::ClaimState {
+                                claim_id: asked.claim_id.clone(),
+                                status: $crate::domain::ClaimStatus::INITIAL,
+                                version: 0,
+                                updated_at: None,
+                            });
+                        if asked.if_match.is_some_and(|v| v != current.version)
+                            || !current.status.can_become(asked.status)
+                        {
+                            answer = Transitioned::Refused(current);
+                            break;
+                        }
+                        let change = $crate::store::ClaimStatusChange {
+                            practice_id: practice.clone(),
+                            claim_id: asked.claim_id.clone(),
+                            status: asked.status,
+                            expected_version: current.version,
+                        };
+                        // Nothing applied: another transaction changed the claim since the
+                        // read and has committed (the write waited for it); read again.
+                        if Self::apply_claim_changes_in(&mut tx, std::slice::from_ref(&change), now)
+                            .await?
+                        {
+                            outbox.extend(asked.outbox.iter().cloned());
+                            audit.extend(asked.audit.iter().cloned());
+                            answer = Transitioned::Changed($crate::store::ClaimState {
+                                claim_id: change.claim_id,
+                                status: change.status,
+                                version: current.version + 1,
+                                updated_at: Some(now),
+                            });
+                            break;
+                        }
+                    }
+                    answers.push(answer);
                 }
-                Self::insert_outbox_in(&mut tx, outbox, $crate::store::jobs::micros(now)).await?;
-                Self::append_audit_in(&mut tx, audit, now).await?;
+                Self::insert_outbox_in(&mut tx, &outbox, $crate::store::jobs::micros(now)).await?;
+                Self::append_audit_in(&mut tx, &audit, now).await?;
                 tx.commit().await?;
-                Ok($crate::store::ClaimState {
-                    claim_id: change.claim_id.clone(),
-                    status: change.status,
-                    version: change.expected_version + 1,
-                    updated_at: Some(now),
-                })
+                Ok(answers)
             }
 
             async fn claim_due(

@@ -23,6 +23,9 @@ use crate::audit::{AuditRecord, NewAuditEvent, SYSTEM_CHAIN};
 use crate::domain::{new_resource_id, NewPractice, Practice, ResourceId};
 use crate::gate::{ApiClient, ClientKeys, ClientStatus, NewApiClient};
 
+/// How long a pooled connection may sit idle and still be handed out without a ping.
+const TRUSTED_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub struct PgStore {
     pool: PgPool,
     max: u32,
@@ -37,6 +40,19 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)
+            // sqlx pings every connection it hands out, a round trip before each transaction;
+            // one idle for less than `TRUSTED_IDLE` was working a moment ago and is handed out
+            // as is. A connection that fails anyway (the server went away just now) fails its
+            // request with 503 and is closed when given back: sqlx pings on release, always.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= TRUSTED_IDLE {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(connect)
             .await?;
         Ok(Self {

@@ -132,7 +132,14 @@ pub struct Connections {
     /// Adapters built so far, by connection id: an adapter keeps its tokens, rate limiter and
     /// circuit breaker, so every worker of this instance shares one per connection.
     adapters: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<dyn EhrAdapter>>>>,
+    /// Stored connections read for [`Self::stored`], each kept for [`ROW_TTL`].
+    rows: moka::future::Cache<String, StoredConnection>,
 }
+
+/// How long [`Connections::stored`] answers from memory: every push, webhook batch and claim
+/// status change needs its connection's row, which changes only by an operator's hand (the
+/// watermark aside, which the nightly pull reads afresh), so a change is seen within this.
+pub const ROW_TTL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A connection ready to be called: its stored row, its adapter (audited into the connection's
 /// practice's chain) and its vendor's mapping profile.
@@ -161,7 +168,22 @@ impl Connections {
             registry: Registry::built_in(),
             profiles,
             adapters: Arc::default(),
+            rows: moka::future::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(ROW_TTL)
+                .build(),
         }
+    }
+
+    /// The stored connection `id`, read from the store at most once per [`ROW_TTL`] (an unknown
+    /// one is not remembered, so it is found as soon as it is added).
+    pub async fn stored(&self, id: &str) -> Result<StoredConnection, StoreError> {
+        if let Some(row) = self.rows.get(id).await {
+            return Ok(row);
+        }
+        let row = self.store.connections().get_connection(id).await?;
+        self.rows.insert(id.to_owned(), row.clone()).await;
+        Ok(row)
     }
 
     /// The connection `id` with its adapter, built on first use and shared afterwards. Outbound
@@ -171,7 +193,7 @@ impl Connections {
         id: &str,
         log: &crate::audit::AuditLog,
     ) -> Result<OpenedConnection, ConnectionError> {
-        let stored = self.store.connections().get_connection(id).await?;
+        let stored = self.stored(id).await?;
         if self.profiles.get(&stored.vendor).is_none() {
             return Err(ConnectionError::Invalid {
                 key: "vendor".into(),

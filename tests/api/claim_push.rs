@@ -572,6 +572,64 @@ async fn quick_changes_of_several_claims_reach_the_ehr_in_order_per_claim() {
 }
 
 #[tokio::test]
+async fn the_same_change_sent_at_once_commits_once_and_queues_one_update() {
+    let app = spawn_app_with(&fast_outbox()).await;
+    let gw = Gateway::of(&app, Role::Billing).await;
+    let ehr = connect_ehr(app.store.clone(), &gw.practice).await;
+    let p = pulled_patient(&gw, &ehr.connection, "ehr-pat-6").await;
+    let claim = new_claim(&gw, &p, Some((&ehr.connection, "ehr-claim-60"))).await;
+    gw.change(&claim, "prepared").await;
+
+    // Eight requests to submit it at once: each reads the status and writes the change in one
+    // transaction, so one commits and the others find it submitted already.
+    let answers =
+        futures_util::future::join_all((0..8).map(|_| gw.set_status(&claim, "submitted"))).await;
+    let mut codes = Vec::new();
+    for res in answers {
+        let code = res.status().as_u16();
+        let body: Value = res.json().await.unwrap();
+        if code == 200 {
+            assert_eq!(body["version"], 2, "{body}");
+            assert!(body["push"]["update_id"].is_string(), "{body}");
+        } else {
+            assert_eq!(body["resourceType"], "OperationOutcome", "{body}");
+        }
+        codes.push(code);
+    }
+    codes.sort_unstable();
+    assert_eq!(codes, [200, 409, 409, 409, 409, 409, 409, 409]);
+
+    let res = gw.get(&format!("/api/v1/claims/{claim}/status")).await;
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(
+        (body["status"].as_str(), body["version"].as_i64()),
+        (Some("submitted"), Some(2))
+    );
+    drained(&*app.store).await;
+    assert_eq!(
+        outcomes(&applied(&ehr.sim, "ehr-claim-60", 1).await),
+        ["queued"]
+    );
+    assert_eq!(ehr.sim.controls().counters().claim_updates_applied, 1);
+    // One audited change (plus the one to prepared), none for the refusals' writes.
+    let audit = app
+        .store
+        .audit_chain_page(gw.practice.as_str(), 0, 10_000)
+        .await
+        .unwrap();
+    let changes = audit
+        .iter()
+        .filter(|r| {
+            r.action == "update"
+                && r.resource_type.as_deref() == Some("Claim")
+                && r.resource_id.as_deref() == Some(claim.as_str())
+                && r.status_code == 200
+        })
+        .count();
+    assert_eq!(changes, 2);
+}
+
+#[tokio::test]
 async fn a_failing_ehr_is_retried_until_it_applies_the_update() {
     let app = spawn_app_with(&fast_outbox()).await;
     let gw = Gateway::of(&app, Role::Billing).await;

@@ -253,11 +253,20 @@ async fn a_signed_event_is_acknowledged_and_its_patient_appears_once_even_when_s
         1
     );
 
-    // The same event sent ten times at once (committed together or not): one row.
+    // The same event sent ten times at once (committed together or not): one row, and one
+    // answer that says it was queued.
     let burst = futures_util::future::join_all((0..10).map(|_| post_event(&h, "evt-4", &ids[3])));
+    let mut queued = 0;
     for res in burst.await {
-        assert_eq!(res.status(), 202);
+        let (status, said) = answer(res).await;
+        assert_eq!(status, 202, "{said}");
+        if said == "accepted: 1 event(s) queued" {
+            queued += 1;
+        } else {
+            assert!(said.starts_with("nothing new to queue"), "{said}");
+        }
     }
+    assert_eq!(queued, 1, "one of the ten is the one that queued the event");
     settled(&h.app, &h.connection, 4).await;
     assert_eq!(rows(&h.app, &h.connection).await.len(), 4);
     assert_eq!(

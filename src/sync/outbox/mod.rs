@@ -16,6 +16,7 @@
 //! content (patient ids at the EHR, dispositions): logs carry row, claim and connection ids,
 //! counts and fixed phrases only.
 
+pub mod changes;
 pub(crate) mod dispatcher;
 pub mod rows;
 

@@ -100,6 +100,7 @@ fn reports_payment(response: &Value) -> bool {
 /// What the rows need to read resources.
 pub struct Reader<'a> {
     pub store: &'a dyn Store,
+    pub connections: &'a crate::sync::connections::Connections,
     pub vault: &'a PhiVault,
     pub practice: &'a ResourceId,
     pub pending: &'a Pending<'a>,
@@ -151,7 +152,7 @@ impl Reader<'_> {
             };
             // Only a connection of this practice: an identifier is data a client may write, and
             // must not send a claim to another practice's EHR.
-            match self.store.connections().get_connection(connection_id).await {
+            match self.connections.stored(connection_id).await {
                 Ok(c) if &c.practice_id == self.practice => {}
                 Ok(_) | Err(StoreError::NotFound) => continue,
                 Err(e) => return Err(e.into()),
@@ -332,6 +333,7 @@ pub(crate) async fn for_fhir_writes(
     let written: Vec<(&str, &str, &Value)> = values.iter().map(|(t, id, v)| (*t, *id, v)).collect();
     let reader = Reader {
         store: &*state.store,
+        connections: &state.connections,
         vault: state.vault().await?,
         practice,
         pending: &pending,

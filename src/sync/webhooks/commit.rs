@@ -48,18 +48,6 @@ impl InboxWriter {
     }
 }
 
-/// The same failure for each request of a failed batch (`StoreError` is not `Clone`).
-fn again(err: &StoreError) -> StoreError {
-    match err {
-        StoreError::NotFound => StoreError::NotFound,
-        StoreError::Conflict(what) => StoreError::Conflict(what),
-        StoreError::VersionConflict { index } => StoreError::VersionConflict { index: *index },
-        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
-        StoreError::Migration(m) => StoreError::Migration(m.clone()),
-        StoreError::Database(m) => StoreError::Database(m.clone()),
-    }
-}
-
 async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<(InboxAccept, Reply)>) {
     let mut batch: Vec<(InboxAccept, Reply)> = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
@@ -92,7 +80,7 @@ async fn commit(store: &dyn Store, group: Vec<(InboxAccept, Reply)>) {
         Err(err) => {
             tracing::warn!(error = %err, notifications = accepts.len(), "webhook inbox commit failed");
             for reply in replies {
-                let _ = reply.send(Err(again(&err)));
+                let _ = reply.send(Err(err.clone()));
             }
         }
     }
