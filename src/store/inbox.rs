@@ -436,7 +436,8 @@ macro_rules! shared_inbox_sql {
                 }
                 let audit: Vec<$crate::audit::NewAuditEvent> =
                     accepts.iter().filter_map(|a| a.audit.clone()).collect();
-                Self::append_audit_in(&mut tx, &audit, $crate::store::now()).await?;
+                self.append_audit_in(&mut tx, &audit, $crate::store::now())
+                    .await?;
                 tx.commit().await?;
                 Ok(results)
             }

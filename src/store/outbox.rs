@@ -503,7 +503,7 @@ macro_rules! shared_outbox_sql {
                     answers.push(answer);
                 }
                 Self::insert_outbox_in(&mut tx, &outbox, $crate::store::jobs::micros(now)).await?;
-                Self::append_audit_in(&mut tx, &audit, now).await?;
+                self.append_audit_in(&mut tx, &audit, now).await?;
                 tx.commit().await?;
                 Ok(answers)
             }
@@ -566,7 +566,7 @@ macro_rules! shared_outbox_sql {
                     q.push(")");
                     removed += q.build().execute(&mut *tx).await?.rows_affected();
                 }
-                Self::append_audit_in(&mut tx, audit, $crate::store::now()).await?;
+                self.append_audit_in(&mut tx, audit, $crate::store::now()).await?;
                 tx.commit().await?;
                 Ok(removed)
             }
@@ -625,7 +625,7 @@ macro_rules! shared_outbox_sql {
                     .bind(runner)
                     .execute(&mut *tx)
                     .await?;
-                Self::append_audit_in(&mut tx, audit, now).await?;
+                self.append_audit_in(&mut tx, audit, now).await?;
                 tx.commit().await?;
                 Ok(true)
             }
@@ -746,7 +746,7 @@ macro_rules! shared_outbox_sql {
                     $crate::store::jobs::micros(now),
                 )
                 .await?;
-                Self::append_audit_in(&mut tx, audit, now).await?;
+                self.append_audit_in(&mut tx, audit, now).await?;
                 tx.commit().await?;
                 Ok(letter)
             }

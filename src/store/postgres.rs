@@ -17,7 +17,7 @@ use super::resources::shared_resource_sql;
 use super::{
     key_columns, now, retention_floor, AuditQuery, Backend, PoolOptions, PoolStats, ResourceQuery,
     ResourceWrite, SealedVersion, Store, StoreError, StoredVersion, AUDIT_COLUMNS, AUDIT_FILTER,
-    CLIENT_COLUMNS,
+    AUDIT_INSERT_CHUNK, CLIENT_COLUMNS,
 };
 use crate::audit::{AuditRecord, NewAuditEvent, SYSTEM_CHAIN};
 use crate::domain::{new_resource_id, NewPractice, Practice, ResourceId};
@@ -29,6 +29,8 @@ const TRUSTED_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 pub struct PgStore {
     pool: PgPool,
     max: u32,
+    /// The audit chain heads as this process last moved them (see `append_audit_unlocked`).
+    heads: std::sync::Mutex<std::collections::HashMap<String, (i64, Vec<u8>)>>,
 }
 
 impl PgStore {
@@ -58,6 +60,7 @@ impl PgStore {
         Ok(Self {
             pool,
             max: options.max_connections,
+            heads: Default::default(),
         })
     }
 
@@ -123,6 +126,92 @@ impl PgStore {
             }
         });
         Ok(Some(rx))
+    }
+
+    /// Remembers chain heads just moved under their locks: the truth once the transaction
+    /// commits, and what an unlocked append expects next.
+    fn heads_moved(&self, heads: std::collections::HashMap<String, (i64, Vec<u8>)>) {
+        let mut known = self.heads.lock().unwrap_or_else(|p| p.into_inner());
+        known.extend(heads);
+    }
+
+    /// Appends one chain's events in one statement, outside any transaction and without locking
+    /// the head first: the head moves only if it is still the one this process last saw, and
+    /// the events are inserted only if it moved (a data-modifying WITH, atomic as any single
+    /// statement). False, with nothing written, when the head is unknown here or has moved
+    /// since (another instance, or a transaction of this one still open or rolled back): the
+    /// caller then appends under the lock, which also learns the head afresh.
+    ///
+    /// The locked append is four round trips (BEGIN, lock and read the head, insert and move
+    /// it, COMMIT) and holds the head from the second to the fourth; this is one, and holds it
+    /// only while its statement commits. The audit writer's appends (reads, outbound EHR calls)
+    /// take this path; a request's own transaction keeps the lock, as its writes must commit
+    /// with their events.
+    async fn append_audit_unlocked(
+        &self,
+        events: &[NewAuditEvent],
+        at: time::OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let Some(first) = events.first() else {
+            return Ok(false);
+        };
+        if events.len() > AUDIT_INSERT_CHUNK
+            || events.iter().any(|e| e.practice_id != first.practice_id)
+        {
+            return Ok(false);
+        }
+        let chain = first.chain();
+        let Some((seq, hash)) = self
+            .heads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&chain)
+            .cloned()
+        else {
+            return Ok(false);
+        };
+        let mut records: Vec<AuditRecord> = Vec::with_capacity(events.len());
+        for event in events {
+            let (prev_seq, prev_hash) = records
+                .last()
+                .map_or((seq, hash.as_slice()), |r| (r.chain_seq, r.hash.as_slice()));
+            let record = AuditRecord::next(event, prev_seq, prev_hash, at);
+            records.push(record);
+        }
+        let Some(last) = records.last() else {
+            return Ok(false);
+        };
+        let mut q = sqlx::QueryBuilder::<Postgres>::new(
+            "WITH moved AS (UPDATE audit_chain_heads SET last_seq = ",
+        );
+        q.push_bind(last.chain_seq)
+            .push(", last_hash = ")
+            .push_bind(&last.hash)
+            .push(" WHERE chain = ")
+            .push_bind(&chain)
+            .push(" AND last_seq = ")
+            .push_bind(seq)
+            .push(" AND last_hash = ")
+            .push_bind(&hash)
+            .push(" RETURNING 1) INSERT INTO audit_events (")
+            .push(AUDIT_COLUMNS)
+            .push(") SELECT * FROM (");
+        q.push_values(records.iter(), push_audit_record);
+        q.push(") AS appended WHERE EXISTS (SELECT 1 FROM moved)");
+        let inserted = q.build().execute(&self.pool).await?.rows_affected();
+        if inserted != records.len() as u64 {
+            return Ok(false);
+        }
+        let mut known = self.heads.lock().unwrap_or_else(|p| p.into_inner());
+        match known.get_mut(&chain) {
+            // A locked append may have moved it further meanwhile.
+            Some(head) if head.0 >= last.chain_seq => {}
+            Some(head) => *head = (last.chain_seq, last.hash.clone()),
+            None => {
+                known.insert(chain, (last.chain_seq, last.hash.clone()));
+            }
+        }
+        Ok(true)
     }
 
     /// PostgreSQL writes concurrently: no queue.
@@ -453,8 +542,11 @@ impl Store for PgStore {
         if events.is_empty() {
             return Ok(0);
         }
+        if self.append_audit_unlocked(events, at).await? {
+            return Ok(events.len());
+        }
         let mut tx = self.pool.begin().await?;
-        Self::append_audit_in(&mut tx, events, at).await?;
+        self.append_audit_in(&mut tx, events, at).await?;
         tx.commit().await?;
         Ok(events.len())
     }

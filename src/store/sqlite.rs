@@ -78,6 +78,10 @@ impl SqliteStore {
         Ok(self.pool.begin().await?)
     }
 
+    /// Nothing to remember: SQLite appends under its single writer's turn, with no head lock to
+    /// avoid (PostgreSQL's store keeps them for its unlocked appends).
+    fn heads_moved(&self, _heads: std::collections::HashMap<String, (i64, Vec<u8>)>) {}
+
     /// SQLite has no notifications between processes: dispatchers poll.
     async fn outbox_wakeups(&self) -> Result<Option<tokio::sync::mpsc::Receiver<()>>, StoreError> {
         Ok(None)
@@ -367,7 +371,7 @@ impl Store for SqliteStore {
         }
         let _turn = self.write_turn().await?;
         let mut tx = self.pool.begin().await?;
-        Self::append_audit_in(&mut tx, events, at).await?;
+        self.append_audit_in(&mut tx, events, at).await?;
         tx.commit().await?;
         Ok(events.len())
     }

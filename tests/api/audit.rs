@@ -131,6 +131,83 @@ async fn concurrent_requests_extend_the_chain_without_gaps_or_forks() {
     assert!(report.ok, "{report:?}");
 }
 
+/// Two gateway instances on one database append to one practice's chain, alone and at once, in
+/// between the requests' own appends: every event lands once, in one unbroken chain. (On
+/// PostgreSQL an instance appends without locking the head while the head is the one it last
+/// saw; here the other instance keeps moving it, so both paths run and must agree.)
+#[tokio::test]
+async fn appends_from_two_instances_interleave_without_gaps_or_forks() {
+    let app = spawn_app().await;
+    let (token, practice) = authenticated(&app).await;
+    let other = fhirgate::store::connect(
+        &app.database_url,
+        &fhirgate::store::PoolOptions {
+            max_connections: 4,
+            acquire_timeout: std::time::Duration::from_secs(30),
+        },
+    )
+    .await
+    .unwrap();
+    let event = |n: u16| fhirgate::audit::NewAuditEvent {
+        practice_id: Some(ResourceId::parse("p", practice.as_str()).unwrap()),
+        action: Some(fhirgate::audit::Action::Read),
+        status_code: n,
+        ..Default::default()
+    };
+    let mut expected = chain(&app, &practice).await.len();
+    // Turns: each instance finds the head moved by the other since its last append.
+    for round in 0..4u16 {
+        app.store.append_audit(&[event(200 + round)]).await.unwrap();
+        app.store
+            .append_audit(&[event(300 + round), event(301 + round)])
+            .await
+            .unwrap();
+        other.append_audit(&[event(400 + round)]).await.unwrap();
+        expected += 4;
+    }
+    // At once: both instances and the gateway's own requests.
+    let mut appends = Vec::new();
+    for i in 0..20u16 {
+        let (mine, theirs) = (app.store.clone(), other.clone());
+        let (a, b) = (event(500 + i), event(600 + i));
+        appends.push(tokio::spawn(async move { mine.append_audit(&[a]).await }));
+        appends.push(tokio::spawn(async move { theirs.append_audit(&[b]).await }));
+    }
+    let mut reads = Vec::new();
+    for i in 0..10 {
+        let request = app
+            .client
+            .get(app.url(&format!("/fhir/r4/Patient/p{i}")))
+            .bearer_auth(&token);
+        reads.push(tokio::spawn(async move { request.send().await }));
+    }
+    for append in appends {
+        assert_eq!(append.await.unwrap().unwrap(), 1);
+    }
+    for read in reads {
+        assert_eq!(read.await.unwrap().unwrap().status(), 404);
+    }
+    expected += 40 + 10;
+
+    let events = chain(&app, &practice).await;
+    assert_eq!(events.len(), expected);
+    let seqs: Vec<i64> = events.iter().map(|e| e.chain_seq).collect();
+    assert_eq!(seqs, (1..=expected as i64).collect::<Vec<_>>());
+    let report = verify_chain(&practice, &events);
+    assert!(report.ok, "{report:?}");
+    // Each event once: the distinct status codes appended above are all there.
+    for code in (500..520).chain(600..620) {
+        assert_eq!(
+            events
+                .iter()
+                .filter(|e| e.status_code == i64::from(code))
+                .count(),
+            1,
+            "status {code}"
+        );
+    }
+}
+
 /// The `fhirgate` binary run against the test app's database.
 fn fhirgate(app: &TestApp, args: &[&str]) -> std::process::Output {
     crate::binary::fhirgate()
