@@ -462,6 +462,25 @@ pub(crate) fn chains_of(events: &[NewAuditEvent]) -> Vec<String> {
     chains
 }
 
+/// Chains `events` onto `heads` (chain -> last sequence number and hash), in order, moving each
+/// head past its events; every event's chain must have a head.
+pub(crate) fn chain_records(
+    events: &[NewAuditEvent],
+    heads: &mut std::collections::HashMap<String, (i64, Vec<u8>)>,
+    at: time::OffsetDateTime,
+) -> Result<Vec<AuditRecord>, StoreError> {
+    let mut records = Vec::with_capacity(events.len());
+    for event in events {
+        let head = heads
+            .get_mut(&event.chain())
+            .ok_or(StoreError::Conflict("audit chain head"))?;
+        let r = AuditRecord::next(event, head.0, &head.1, at);
+        *head = (r.chain_seq, r.hash.clone());
+        records.push(r);
+    }
+    Ok(records)
+}
+
 /// The current time as stored: UTC with microsecond precision (what PostgreSQL keeps), so both
 /// backends return the same value for the same write.
 pub(crate) fn now() -> time::OffsetDateTime {

@@ -15,9 +15,9 @@ use super::migrations::{MigrationStatus, POSTGRES};
 use super::outbox::shared_outbox_sql;
 use super::resources::shared_resource_sql;
 use super::{
-    key_columns, now, retention_floor, AuditQuery, Backend, PoolOptions, PoolStats, ResourceQuery,
-    ResourceWrite, SealedVersion, Store, StoreError, StoredVersion, AUDIT_COLUMNS, AUDIT_FILTER,
-    AUDIT_INSERT_CHUNK, CLIENT_COLUMNS,
+    chain_records, key_columns, now, retention_floor, AuditQuery, Backend, PoolOptions, PoolStats,
+    ResourceQuery, ResourceWrite, SealedVersion, Store, StoreError, StoredVersion, AUDIT_COLUMNS,
+    AUDIT_FILTER, AUDIT_INSERT_CHUNK, CLIENT_COLUMNS,
 };
 use crate::audit::{AuditRecord, NewAuditEvent, SYSTEM_CHAIN};
 use crate::domain::{new_resource_id, NewPractice, Practice, ResourceId};
@@ -170,23 +170,17 @@ impl PgStore {
         else {
             return Ok(false);
         };
-        let mut records: Vec<AuditRecord> = Vec::with_capacity(events.len());
-        for event in events {
-            let (prev_seq, prev_hash) = records
-                .last()
-                .map_or((seq, hash.as_slice()), |r| (r.chain_seq, r.hash.as_slice()));
-            let record = AuditRecord::next(event, prev_seq, prev_hash, at);
-            records.push(record);
-        }
-        let Some(last) = records.last() else {
+        let mut moved = std::collections::HashMap::from([(chain.clone(), (seq, hash.clone()))]);
+        let records = chain_records(events, &mut moved, at)?;
+        let Some((last_seq, last_hash)) = moved.remove(&chain) else {
             return Ok(false);
         };
         let mut q = sqlx::QueryBuilder::<Postgres>::new(
             "WITH moved AS (UPDATE audit_chain_heads SET last_seq = ",
         );
-        q.push_bind(last.chain_seq)
+        q.push_bind(last_seq)
             .push(", last_hash = ")
-            .push_bind(&last.hash)
+            .push_bind(&last_hash)
             .push(" WHERE chain = ")
             .push_bind(&chain)
             .push(" AND last_seq = ")
@@ -205,10 +199,10 @@ impl PgStore {
         let mut known = self.heads.lock().unwrap_or_else(|p| p.into_inner());
         match known.get_mut(&chain) {
             // A locked append may have moved it further meanwhile.
-            Some(head) if head.0 >= last.chain_seq => {}
-            Some(head) => *head = (last.chain_seq, last.hash.clone()),
+            Some(head) if head.0 >= last_seq => {}
+            Some(head) => *head = (last_seq, last_hash),
             None => {
-                known.insert(chain, (last.chain_seq, last.hash.clone()));
+                known.insert(chain, (last_seq, last_hash));
             }
         }
         Ok(true)

@@ -320,7 +320,6 @@ macro_rules! shared_resource_sql {
                 at: time::OffsetDateTime,
             ) -> Result<(), $crate::store::StoreError> {
                 use sqlx::Row;
-                use $crate::store::StoreError;
                 if events.is_empty() {
                     return Ok(());
                 }
@@ -346,16 +345,7 @@ macro_rules! shared_resource_sql {
                     heads.insert(chain, (row.try_get("last_seq")?, row.try_get("last_hash")?));
                 }
                 // Chain every event first, then write them with one multi-row INSERT per chunk.
-                let mut records = Vec::with_capacity(events.len());
-                for event in events {
-                    let chain = event.chain();
-                    let head = heads
-                        .get_mut(&chain)
-                        .ok_or(StoreError::Conflict("audit chain head"))?;
-                    let r = $crate::audit::AuditRecord::next(event, head.0, &head.1, at);
-                    *head = (r.chain_seq, r.hash.clone());
-                    records.push(r);
-                }
+                let records = $crate::store::chain_records(events, &mut heads, at)?;
                 // On PostgreSQL a single chain's head moves in the statement that inserts its
                 // last events (a data-modifying WITH): one round trip less under the lock.
                 let merged_head = if <$db as sqlx::Database>::NAME == "PostgreSQL" && heads.len() == 1 {
